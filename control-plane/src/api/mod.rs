@@ -1,0 +1,178 @@
+//! The HTTP surface: routes, OpenAPI document, offline docs.
+//!
+//! `/`, `/health`, `/openapi.json` and `/docs` are public; everything under
+//! `/api/v1` passes through [`auth::require_principal`] first.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router, middleware};
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::app::AppState;
+use crate::auth;
+
+pub mod error;
+pub mod extract;
+pub mod sessions;
+pub mod users;
+
+use error::{ApiError, ErrorBody};
+use extract::BodyLimit;
+
+/// Version reported by `/` and `/health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "Claude Agent HTTP API", description = "Multi-tenant HTTP/SSE service hosting the Claude Code CLI."),
+    paths(
+        root, health,
+        sessions::create_session, sessions::list_sessions, sessions::get_session,
+        sessions::delete_session, sessions::resume_session,
+        users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
+        users::create_token, users::list_tokens, users::delete_token,
+    ),
+    components(schemas(ErrorBody, error::FieldError, sessions::SessionPage)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "Sessions of the Claude CLI"),
+        (name = "users", description = "Users and API tokens"),
+        (name = "service", description = "Service information"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the routes refer to.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// Builds the whole router for `state`.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.api.max_body_bytes;
+    let api = Router::new()
+        .route("/sessions", post(sessions::create_session).get(sessions::list_sessions))
+        .route("/sessions/{session_id}", get(sessions::get_session).delete(sessions::delete_session))
+        .route("/sessions/{session_id}/resume", post(sessions::resume_session))
+        .route("/users", post(users::create_user).get(users::list_users))
+        .route("/users/{user_id}", get(users::get_user).delete(users::delete_user))
+        .route("/users/{user_id}/tokens", post(users::create_token).get(users::list_tokens))
+        .route("/tokens/{token_id}", delete(users::delete_token))
+        .route("/me", get(users::me))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_principal));
+
+    Router::new()
+        .route("/", get(root))
+        .route("/health", get(health))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .layer(cors_layer(&state.config.api.cors_origins))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// CORS per `api.cors_origins`: `*` allows any origin without credentials
+/// (browsers refuse credentials with a wildcard); a list allows those with.
+fn cors_layer(origins: &[String]) -> CorsLayer {
+    let methods = [Method::GET, Method::POST, Method::DELETE, Method::OPTIONS];
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    if origins.iter().any(|o| o == "*") {
+        return CorsLayer::new().allow_origin(AllowOrigin::any()).allow_methods(methods).allow_headers(tower_http::cors::Any);
+    }
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(list)
+        .allow_methods(methods)
+        .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE])
+        .allow_credentials(true)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Not Found".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RootInfo {
+    name: &'static str,
+    version: &'static str,
+    docs: &'static str,
+    health: &'static str,
+}
+
+/// Service information (the seed's root document).
+#[utoipa::path(get, path = "/", tag = "service", responses((status = 200, body = RootInfo)))]
+pub async fn root() -> Json<RootInfo> {
+    Json(RootInfo { name: "Claude Agent HTTP API", version: VERSION, docs: "/docs", health: "/health" })
+}
+
+/// `/health`: the seed's fields, plus whether storage answered.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    /// `healthy` or `unhealthy`.
+    status: &'static str,
+    version: &'static str,
+    active_sessions: u64,
+    /// Warm CLI processes held by the server.
+    in_memory_clients: u64,
+    memory_mb: f64,
+    storage_type: &'static str,
+    uptime_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Health: 200 when storage answers, else 503 (no authentication).
+#[utoipa::path(
+    get, path = "/health", tag = "service",
+    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse))
+)]
+pub async fn health(State(state): State<AppState>) -> Response {
+    let store = state.store.clone();
+    let probe = async move {
+        store.ping().await?;
+        store.count_sessions(None, crate::store::SessionStatus::Active).await
+    };
+    let (status, active_sessions, error) = match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok(active)) => (StatusCode::OK, active, None),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health check: storage failed");
+            (StatusCode::SERVICE_UNAVAILABLE, 0, Some("storage unavailable".to_owned()))
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, 0, Some("storage did not answer within 3 s".to_owned())),
+    };
+    let body = HealthResponse {
+        status: if status == StatusCode::OK { "healthy" } else { "unhealthy" },
+        version: VERSION,
+        active_sessions,
+        in_memory_clients: 0,
+        memory_mb: crate::app::resident_memory_mb().unwrap_or(0.0),
+        storage_type: state.store.kind().as_str(),
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        error,
+    };
+    (status, Json(body)).into_response()
+}

@@ -1,0 +1,157 @@
+//! The application, built in one place: configuration → store (migrated) →
+//! bootstrap admin → users' base directory → router → listener. Tests build
+//! it on port 0 through the real binary; `main` only parses arguments.
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::TimeDelta;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, Bootstrap};
+use crate::config::{AuthMode, Config};
+use crate::store::{self, Store};
+use crate::userdir::UserDirs;
+
+/// Shared state of every request: `AppState(Arc<Services>)`, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Services>);
+
+impl Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct Services {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub user_dirs: UserDirs,
+    pub started: Instant,
+    /// Serialises "count open sessions, then insert" so two concurrent
+    /// creates cannot both take the last slot.
+    pub admission: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.kind().as_str())
+    }
+}
+
+impl Services {
+    /// `session.ttl` as a duration; `None` when sessions never expire.
+    pub fn session_ttl(&self) -> Option<TimeDelta> {
+        (self.config.session.ttl > 0).then(|| TimeDelta::seconds(self.config.session.ttl as i64))
+    }
+}
+
+/// Start-up failures, each with the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    UserDirs(#[from] crate::userdir::UserDirError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// A built application, bound to its port, not yet serving.
+#[derive(Debug)]
+pub struct App {
+    pub state: AppState,
+    listener: TcpListener,
+}
+
+impl App {
+    /// Opens everything the server needs and binds the listener.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let store = store::open(&config.session.location()).await?;
+        match auth::bootstrap_admin(store.as_ref(), config.auth.admin_token.as_ref().map(|s| s.expose())).await? {
+            Bootstrap::GeneratedToken(secret) => announce_generated_token(&secret),
+            Bootstrap::ConfiguredToken => tracing::info!("admin token from CLAUDE_AGENT_ADMIN_TOKEN is active"),
+            Bootstrap::Unchanged => {}
+        }
+        if config.auth.mode == AuthMode::None {
+            tracing::warn!("auth.mode is `none`: every caller is an admin; use only for local development");
+        }
+        let user_dirs = UserDirs::open(&config.user.base_dir, config.user.auto_create_dir)?;
+        let addr = format!("{}:{}", config.api.host, config.api.port);
+        let listener =
+            TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
+        let state = AppState(Arc::new(Services {
+            config,
+            store,
+            user_dirs,
+            started: Instant::now(),
+            admission: tokio::sync::Mutex::new(()),
+        }));
+        Ok(Self { state, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains requests and stops
+    /// background tasks.
+    pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let tasks = TaskTracker::new();
+        tasks.spawn(session_reaper(self.state.clone(), shutdown.clone()));
+        let router = crate::api::router(self.state.clone());
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let result =
+            axum::serve(self.listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+        result
+    }
+}
+
+/// First start without `CLAUDE_AGENT_ADMIN_TOKEN`: the only time this
+/// secret is ever shown. Straight to stderr, never through the log.
+#[allow(clippy::print_stderr)]
+fn announce_generated_token(secret: &str) {
+    eprintln!(
+        "\n  First start: created user `admin` with this API token (shown once, store it now):\n\n    {secret}\n\n  \
+         Set CLAUDE_AGENT_ADMIN_TOKEN to choose your own instead.\n"
+    );
+}
+
+/// Marks sessions idle past `session.ttl` as expired. Runs every quarter of
+/// the TTL (between 1 s and 60 s); reads also expire lazily, so the reaper's
+/// period never lets an expired session be used.
+async fn session_reaper(state: AppState, shutdown: CancellationToken) {
+    let Some(ttl) = state.session_ttl() else { return };
+    let period = Duration::from_secs((state.config.session.ttl / 4).clamp(1, 60));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match state.store.expire_idle_sessions(store::now() - ttl).await {
+            Ok(expired) if !expired.is_empty() => tracing::info!(count = expired.len(), ?expired, "sessions expired"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "session reaper: store error"),
+        }
+    }
+}
+
+/// This process's resident memory in MiB (from `/proc/self/statm`).
+pub fn resident_memory_mb() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page_size = rustix::param::page_size() as u64;
+    Some((pages * page_size) as f64 / (1024.0 * 1024.0))
+}

@@ -1,0 +1,658 @@
+//! Configuration: built-in defaults < `config.yaml` < environment.
+//!
+//! The key names are the seed service's (see `SEED_API.md` §4) so its
+//! `config.yaml` files and `CLAUDE_AGENT_*` variables keep working; the
+//! behaviour of the names the seed ignored (`CLAUDE_AGENT_API_HOST`,
+//! `CLAUDE_AGENT_USER_AUTO_CREATE_DIR`, `~` in paths) is fixed. Unknown keys
+//! and invalid values stop the start with a message that names the key.
+//!
+//! Secrets (`ANTHROPIC_API_KEY`, tokens, passwords, database URLs) are held in
+//! [`Secret`], which never prints its value: not in `Debug`, not in logs, not
+//! in `check-config`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variable naming the config file (the `--config` flag wins).
+pub const CONFIG_PATH_ENV: &str = "CLAUDE_AGENT_CONFIG";
+
+/// The permission modes the Claude CLI accepts for `--permission-mode`.
+pub const PERMISSION_MODES: &[&str] = &["acceptEdits", "bypassPermissions", "default", "dontAsk", "plan"];
+
+/// Flat environment names (the seed's, plus ours) and the key each sets.
+/// They rank above nested `CLAUDE_AGENT_<SECTION>__<KEY>` names and above
+/// the YAML file.
+const FLAT_ENV: &[(&str, &str)] = &[
+    ("CLAUDE_AGENT_USER_BASE_DIR", "user.base_dir"),
+    ("CLAUDE_AGENT_USER_AUTO_CREATE_DIR", "user.auto_create_dir"),
+    ("CLAUDE_AGENT_SESSION_STORAGE", "session.storage"),
+    ("CLAUDE_AGENT_SESSION_TTL", "session.ttl"),
+    ("CLAUDE_AGENT_SESSION_SQLITE_PATH", "session.sqlite_path"),
+    ("CLAUDE_AGENT_SESSION_PG_HOST", "session.pg_host"),
+    ("CLAUDE_AGENT_SESSION_PG_PORT", "session.pg_port"),
+    ("CLAUDE_AGENT_SESSION_PG_DATABASE", "session.pg_database"),
+    ("CLAUDE_AGENT_SESSION_PG_USER", "session.pg_user"),
+    ("CLAUDE_AGENT_SESSION_PG_PASSWORD", "session.pg_password"),
+    ("CLAUDE_AGENT_DATABASE_URL", "session.database_url"),
+    ("CLAUDE_AGENT_API_HOST", "api.host"),
+    ("CLAUDE_AGENT_API_PORT", "api.port"),
+    ("CLAUDE_AGENT_MAX_SESSIONS", "api.max_sessions"),
+    ("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", "api.max_sessions_per_user"),
+    ("CLAUDE_AGENT_MAX_CONCURRENT", "api.max_concurrent_requests"),
+    ("CLAUDE_AGENT_MEMORY_LIMIT_MB", "api.memory_limit_mb"),
+    ("CLAUDE_AGENT_IDLE_SESSION_TIMEOUT", "api.idle_session_timeout"),
+    ("CLAUDE_AGENT_CLI_PATH", "defaults.cli_path"),
+    ("CLAUDE_AGENT_ADMIN_TOKEN", "auth.admin_token"),
+    ("ANTHROPIC_API_KEY", "anthropic.api_key"),
+    ("ANTHROPIC_AUTH_TOKEN", "anthropic.auth_token"),
+    ("ANTHROPIC_BASE_URL", "anthropic.base_url"),
+    ("ANTHROPIC_MODEL", "anthropic.model"),
+];
+
+/// A configuration error, naming the key and what is allowed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { key, message: message.into() }
+    }
+}
+
+/// The whole configuration. Every section has defaults, so an empty file (or
+/// none) is a valid configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub user: UserConfig,
+    pub session: SessionConfig,
+    pub api: ApiConfig,
+    pub auth: AuthConfig,
+    pub defaults: SessionDefaults,
+    /// MCP servers given to every session's CLI (`--mcp-config`), by name.
+    pub mcp_servers: BTreeMap<String, serde_json::Value>,
+    /// Plugins given to every session's CLI.
+    pub plugins: Vec<serde_json::Value>,
+    /// Upstream model credentials. Read from `ANTHROPIC_*`; never logged.
+    pub anthropic: AnthropicConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// Parent of every user's directory (`<base_dir>/<user_id>[/<subdir>]`).
+    pub base_dir: PathBuf,
+    /// Create missing user and session directories.
+    pub auto_create_dir: bool,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        Self { base_dir: PathBuf::from("./data/users"), auto_create_dir: true }
+    }
+}
+
+/// Which `Store` implementation holds users, tokens and sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Memory,
+    #[default]
+    Sqlite,
+    Postgresql,
+}
+
+impl StorageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Sqlite => "sqlite",
+            Self::Postgresql => "postgresql",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    pub storage: StorageKind,
+    /// Seconds of inactivity after which a session is marked `expired`
+    /// (0 = never).
+    pub ttl: u64,
+    pub sqlite_path: PathBuf,
+    /// A SQLite path / `sqlite://` URL or a `postgres://` URL. When set it
+    /// wins over `storage`, `sqlite_path` and `pg_*`.
+    pub database_url: Option<Secret>,
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub pg_database: String,
+    pub pg_user: String,
+    pub pg_password: Secret,
+    /// Schema for every table (created if missing); default `public`.
+    pub pg_schema: Option<String>,
+    pub pg_max_connections: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            storage: StorageKind::Sqlite,
+            ttl: 3600,
+            sqlite_path: PathBuf::from("./data/sessions.db"),
+            database_url: None,
+            pg_host: "localhost".into(),
+            pg_port: 5432,
+            pg_database: "claude_agent".into(),
+            pg_user: "postgres".into(),
+            pg_password: Secret::default(),
+            pg_schema: None,
+            pg_max_connections: 10,
+        }
+    }
+}
+
+/// Where the store lives, after `database_url` has been applied.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    Memory,
+    Sqlite(PathBuf),
+    Postgres { url: Secret, schema: Option<String>, max_connections: u32 },
+}
+
+impl SessionConfig {
+    pub fn location(&self) -> StoreLocation {
+        let postgres = |url: Secret| StoreLocation::Postgres {
+            url,
+            schema: self.pg_schema.clone(),
+            max_connections: self.pg_max_connections,
+        };
+        if let Some(url) = &self.database_url {
+            let raw = url.expose();
+            if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+                return postgres(url.clone());
+            }
+            let path = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")).unwrap_or(raw);
+            return StoreLocation::Sqlite(expand_tilde(Path::new(path)));
+        }
+        match self.storage {
+            StorageKind::Memory => StoreLocation::Memory,
+            StorageKind::Sqlite => StoreLocation::Sqlite(self.sqlite_path.clone()),
+            StorageKind::Postgresql => postgres(Secret(format!(
+                "postgres://{}:{}@{}:{}/{}",
+                encode_url_part(&self.pg_user),
+                encode_url_part(self.pg_password.expose()),
+                self.pg_host,
+                self.pg_port,
+                encode_url_part(&self.pg_database)
+            ))),
+        }
+    }
+
+    /// The storage kind in effect (`database_url` decides when it is set).
+    pub fn effective_kind(&self) -> StorageKind {
+        match self.location() {
+            StoreLocation::Memory => StorageKind::Memory,
+            StoreLocation::Sqlite(_) => StorageKind::Sqlite,
+            StoreLocation::Postgres { .. } => StorageKind::Postgresql,
+        }
+    }
+}
+
+/// Percent-encodes what a URL's user, password or path may not hold as is.
+fn encode_url_part(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub host: String,
+    pub port: u16,
+    /// Origins allowed by CORS; `["*"]` allows any origin (without
+    /// credentials). Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Open sessions on the whole server (503 beyond).
+    pub max_sessions: u32,
+    /// Open sessions per user (429 beyond).
+    pub max_sessions_per_user: u32,
+    /// Chat turns running at once on the whole server.
+    pub max_concurrent_requests: u32,
+    /// Refuse new sessions (503) while the server's memory is above this
+    /// many MiB (0 = off).
+    pub memory_limit_mb: u64,
+    /// Seconds after which an idle CLI process is stopped (0 = never); the
+    /// session stays open.
+    pub idle_session_timeout: u64,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            cors_origins: Vec::new(),
+            max_sessions: 20,
+            max_sessions_per_user: 5,
+            max_concurrent_requests: 5,
+            memory_limit_mb: 7168,
+            idle_session_timeout: 300,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// How callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `Authorization: Bearer <token>` (tokens stored hashed).
+    #[default]
+    Token,
+    /// Trust a user name in `auth.header_name`, set by a reverse proxy at one
+    /// of `auth.trusted_proxies`.
+    Header,
+    /// No authentication: single-user development on loopback only.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Token of the built-in `admin` user (at least 32 characters). Without
+    /// it, the first start prints a fresh admin token once to stderr.
+    pub admin_token: Option<Secret>,
+    /// Header holding the user name in `header` mode.
+    pub header_name: String,
+    /// Peer addresses allowed to set `header_name`.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Users who are admins in `header` mode.
+    pub admin_users: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Token,
+            admin_token: None,
+            header_name: "X-Forwarded-User".into(),
+            trusted_proxies: Vec::new(),
+            admin_users: Vec::new(),
+        }
+    }
+}
+
+/// Defaults for every session's CLI; a session's own options override them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionDefaults {
+    pub system_prompt: Option<String>,
+    pub permission_mode: String,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub setting_sources: Vec<String>,
+    /// The Claude CLI; default: the project's `node_modules`, then `PATH`.
+    pub cli_path: Option<PathBuf>,
+    pub model: Option<String>,
+    pub max_turns: Option<u32>,
+    pub max_budget_usd: Option<f64>,
+}
+
+impl Default for SessionDefaults {
+    fn default() -> Self {
+        Self {
+            system_prompt: Some("You are a helpful AI assistant.".into()),
+            permission_mode: "bypassPermissions".into(),
+            allowed_tools: ["Bash", "Read", "Write", "Edit", "Glob", "Grep", "Skill"].map(String::from).into(),
+            disallowed_tools: Vec::new(),
+            setting_sources: vec!["user".into(), "project".into()],
+            cli_path: None,
+            model: None,
+            max_turns: Some(50),
+            max_budget_usd: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnthropicConfig {
+    pub api_key: Option<Secret>,
+    pub auth_token: Option<Secret>,
+    pub base_url: Option<String>,
+    pub model: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, else human-readable.
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`RUST_LOG` wins when set).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Auto }
+    }
+}
+
+/// A secret string: deserializes from any scalar, never shows its value in
+/// `Debug` or when serialized (`check-config` prints `"***"`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Environment values are parsed loosely (a numeric password arrives as
+        // a number), so accept any scalar and keep its text.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Int(i64),
+            Float(f64),
+            Bool(bool),
+        }
+        Ok(Self(match Scalar::deserialize(deserializer)? {
+            Scalar::Text(s) => s,
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }))
+    }
+}
+
+/// Replaces a leading `~` with `$HOME` (the seed left it literal).
+pub fn expand_tilde(path: &Path) -> PathBuf {
+    let Ok(rest) = path.strip_prefix("~") else {
+        return path.to_path_buf();
+    };
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(rest),
+        None => path.to_path_buf(),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the YAML file (`path`, else `$CLAUDE_AGENT_CONFIG`,
+    /// else `./config.yaml` when it exists), then the environment; validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let explicit = path.map(Path::to_path_buf).or_else(|| std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from));
+        let file = match explicit {
+            Some(path) => {
+                // An explicitly named file must exist: a typo must not
+                // silently start the server on defaults.
+                std::fs::metadata(&path).map_err(|source| ConfigError::Unreadable { path: path.clone(), source })?;
+                Some(path)
+            }
+            None => Some(PathBuf::from("config.yaml")).filter(|p| p.is_file()),
+        };
+        Self::from_figment(Self::figment(file.as_deref()))
+    }
+
+    /// The layered sources, lowest first.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Yaml::file_exact(file));
+        }
+        let nested = Env::prefixed("CLAUDE_AGENT_").filter(|key| key.as_str().contains("__")).split("__");
+        let flat = Env::raw().filter_map(|key| {
+            FLAT_ENV
+                .iter()
+                .find(|(name, _)| key.as_str().eq_ignore_ascii_case(name))
+                .map(|(_, target)| (*target).into())
+        });
+        figment.merge(nested).merge(flat)
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let mut config: Self = figment.extract().map_err(|e| ConfigError::Parse(describe_figment_error(e)))?;
+        config.user.base_dir = expand_tilde(&config.user.base_dir);
+        config.session.sqlite_path = expand_tilde(&config.session.sqlite_path);
+        config.defaults.cli_path = config.defaults.cli_path.as_deref().map(expand_tilde);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde's types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !PERMISSION_MODES.contains(&self.defaults.permission_mode.as_str()) {
+            return Err(ConfigError::invalid(
+                "defaults.permission_mode",
+                format!("{:?} is not one of {}", self.defaults.permission_mode, PERMISSION_MODES.join(", ")),
+            ));
+        }
+        if self.defaults.max_turns == Some(0) {
+            return Err(ConfigError::invalid("defaults.max_turns", "must be at least 1 (or null)"));
+        }
+        if let Some(budget) = self.defaults.max_budget_usd
+            && !(budget > 0.0 && budget.is_finite())
+        {
+            return Err(ConfigError::invalid("defaults.max_budget_usd", "must be a positive number (or null)"));
+        }
+        if self.api.host.parse::<IpAddr>().is_err() && self.api.host != "localhost" {
+            return Err(ConfigError::invalid(
+                "api.host",
+                format!("{:?} is not an IP address (or `localhost`)", self.api.host),
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(ConfigError::invalid("api.max_body_bytes", "must be at least 1024"));
+        }
+        for (key, value) in [
+            ("api.max_sessions", self.api.max_sessions),
+            ("api.max_sessions_per_user", self.api.max_sessions_per_user),
+            ("api.max_concurrent_requests", self.api.max_concurrent_requests),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if self.auth.mode == AuthMode::None && !self.binds_loopback() {
+            return Err(ConfigError::invalid(
+                "auth.mode",
+                format!(
+                    "`none` is only allowed when api.host is a loopback address, not {:?}",
+                    self.api.host
+                ),
+            ));
+        }
+        if self.auth.mode == AuthMode::Header && self.auth.trusted_proxies.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.trusted_proxies",
+                "`header` mode needs at least one trusted proxy address",
+            ));
+        }
+        if let Some(token) = &self.auth.admin_token
+            && token.expose().len() < 32
+        {
+            return Err(ConfigError::invalid(
+                "auth.admin_token",
+                "must be at least 32 characters (CLAUDE_AGENT_ADMIN_TOKEN)",
+            ));
+        }
+        for name in &self.auth.admin_users {
+            shared::names::validate_user_id(name)
+                .map_err(|e| ConfigError::invalid("auth.admin_users", format!("{name:?}: {e}")))?;
+        }
+        if let Some(schema) = &self.session.pg_schema {
+            shared::names::validate_user_id(schema)
+                .map_err(|e| ConfigError::invalid("session.pg_schema", format!("{schema:?}: {e}")))?;
+        }
+        for (name, server) in &self.mcp_servers {
+            if !server.is_object() {
+                return Err(ConfigError::invalid("mcp_servers", format!("server {name:?} must be a mapping")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn binds_loopback(&self) -> bool {
+        self.api.host == "localhost" || self.api.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The effective configuration as YAML, secrets masked.
+    pub fn to_masked_yaml(&self) -> String {
+        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// figment's messages name the key and the source; keep them, drop the
+/// `default.` profile prefix that means nothing to an operator.
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| e.to_string().replace("\"default.", "\""))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(yaml: &str) -> Result<Config, ConfigError> {
+        let mut out = None;
+        Jail::expect_with(|jail| {
+            jail.create_file("config.yaml", yaml)?;
+            out = Some(Config::from_figment(Config::figment(Some(Path::new("config.yaml")))));
+            Ok(())
+        });
+        out.expect("jail ran")
+    }
+
+    #[test]
+    fn defaults_are_valid_and_use_sqlite() {
+        let config = load_in_jail("").expect("defaults load");
+        assert_eq!(config.session.storage, StorageKind::Sqlite);
+        assert_eq!(config.api.port, 8000);
+        assert!(config.user.auto_create_dir);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load_in_jail("api:\n  prot: 1\n").expect_err("unknown key").to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn invalid_enum_values_list_the_allowed_ones() {
+        let err = load_in_jail("session:\n  storage: mongo\n").expect_err("bad storage").to_string();
+        assert!(err.contains("mongo") && err.contains("postgresql") && err.contains("session.storage"), "{err}");
+    }
+
+    #[test]
+    fn flat_env_names_beat_yaml_and_nested_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file("config.yaml", "api:\n  port: 9000\n  host: 127.0.0.1\n")?;
+            jail.set_env("CLAUDE_AGENT_API__PORT", "9100");
+            jail.set_env("CLAUDE_AGENT_API_PORT", "9200");
+            jail.set_env("CLAUDE_AGENT_API_HOST", "::1");
+            jail.set_env("CLAUDE_AGENT_USER_AUTO_CREATE_DIR", "false");
+            jail.set_env("CLAUDE_AGENT_SESSION_PG_PASSWORD", "12345");
+            let config = Config::from_figment(Config::figment(Some(Path::new("config.yaml")))).expect("valid");
+            assert_eq!(config.api.port, 9200);
+            assert_eq!(config.api.host, "::1");
+            assert!(!config.user.auto_create_dir);
+            assert_eq!(config.session.pg_password.expose(), "12345");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn database_url_selects_the_backend() {
+        let mut session = SessionConfig { database_url: Some(Secret::new("postgres://u@h/db")), ..Default::default() };
+        assert_eq!(session.effective_kind(), StorageKind::Postgresql);
+        session.database_url = Some(Secret::new("sqlite:///tmp/x.db"));
+        assert!(matches!(session.location(), StoreLocation::Sqlite(p) if p == Path::new("/tmp/x.db")));
+    }
+
+    #[test]
+    fn tilde_expands_to_home() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HOME", "/home/someone");
+            jail.create_file("config.yaml", "user:\n  base_dir: ~/claude-users\n")?;
+            let config = Config::from_figment(Config::figment(Some(Path::new("config.yaml")))).expect("valid");
+            assert_eq!(config.user.base_dir, Path::new("/home/someone/claude-users"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let mut config = Config::default();
+        config.anthropic.api_key = Some(Secret::new("sk-ant-very-secret"));
+        assert!(!format!("{config:?}").contains("very-secret"));
+        assert!(!config.to_masked_yaml().contains("very-secret"));
+    }
+
+    #[test]
+    fn auth_none_needs_loopback() {
+        let err = load_in_jail("api:\n  host: 0.0.0.0\nauth:\n  mode: none\n").expect_err("refused").to_string();
+        assert!(err.contains("auth.mode"), "{err}");
+        assert!(load_in_jail("auth:\n  mode: none\n").is_ok());
+    }
+
+    #[test]
+    fn permission_mode_is_checked() {
+        let err = load_in_jail("defaults:\n  permission_mode: yolo\n").expect_err("refused").to_string();
+        assert!(err.contains("defaults.permission_mode") && err.contains("bypassPermissions"), "{err}");
+    }
+}

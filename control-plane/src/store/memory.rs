@@ -1,0 +1,206 @@
+//! In-memory store: nothing survives a restart. For development and tests,
+//! and for the seed's `session.storage: memory`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{ApiToken, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, User};
+use crate::config::StorageKind;
+
+#[derive(Debug, Default)]
+struct State {
+    users: BTreeMap<String, User>,
+    /// Tokens by id.
+    tokens: HashMap<String, ApiToken>,
+    sessions: HashMap<String, Session>,
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> StoreResult<T> {
+        let mut state = self.state.lock().map_err(|_| StoreError::Internal("memory store poisoned".into()))?;
+        Ok(f(&mut state))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> StorageKind {
+        StorageKind::Memory
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.with(|_| ())
+    }
+
+    async fn create_user(&self, user: &User) -> StoreResult<()> {
+        self.with(|s| {
+            if s.users.contains_key(&user.user_id) {
+                return Err(StoreError::Conflict(format!("user {}", user.user_id)));
+            }
+            s.users.insert(user.user_id.clone(), user.clone());
+            Ok(())
+        })?
+    }
+
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<User>> {
+        self.with(|s| s.users.get(user_id).cloned())
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        self.with(|s| s.users.values().cloned().collect())
+    }
+
+    async fn count_users(&self) -> StoreResult<u64> {
+        self.with(|s| s.users.len() as u64)
+    }
+
+    async fn delete_user(&self, user_id: &str) -> StoreResult<bool> {
+        self.with(|s| {
+            if s.users.remove(user_id).is_none() {
+                return false;
+            }
+            s.tokens.retain(|_, t| t.user_id != user_id);
+            for session in s.sessions.values_mut().filter(|x| x.user_id == user_id) {
+                session.status = SessionStatus::Deleted;
+            }
+            true
+        })
+    }
+
+    async fn create_token(&self, token: &ApiToken) -> StoreResult<()> {
+        self.with(|s| {
+            if s.tokens.values().any(|t| t.token_hash == token.token_hash) || s.tokens.contains_key(&token.token_id) {
+                return Err(StoreError::Conflict("token".into()));
+            }
+            s.tokens.insert(token.token_id.clone(), token.clone());
+            Ok(())
+        })?
+    }
+
+    async fn authenticate_token(&self, token_hash: &str, at: DateTime<Utc>) -> StoreResult<Option<(ApiToken, User)>> {
+        self.with(|s| {
+            let token = s
+                .tokens
+                .values_mut()
+                .find(|t| t.token_hash == token_hash && t.expires_at.is_none_or(|e| e > at))?;
+            token.last_used_at = Some(at);
+            let token = token.clone();
+            let user = s.users.get(&token.user_id)?.clone();
+            Some((token, user))
+        })
+    }
+
+    async fn list_tokens(&self, user_id: &str) -> StoreResult<Vec<ApiToken>> {
+        self.with(|s| {
+            let mut tokens: Vec<_> = s.tokens.values().filter(|t| t.user_id == user_id).cloned().collect();
+            tokens.sort_by(|a, b| (a.created_at, &a.token_id).cmp(&(b.created_at, &b.token_id)));
+            tokens
+        })
+    }
+
+    async fn get_token(&self, token_id: &str) -> StoreResult<Option<ApiToken>> {
+        self.with(|s| s.tokens.get(token_id).cloned())
+    }
+
+    async fn delete_token(&self, token_id: &str) -> StoreResult<bool> {
+        self.with(|s| s.tokens.remove(token_id).is_some())
+    }
+
+    async fn delete_tokens_by_label(&self, user_id: &str, label: &str, keep: &str) -> StoreResult<u64> {
+        self.with(|s| {
+            let before = s.tokens.len();
+            s.tokens.retain(|id, t| !(t.user_id == user_id && t.label.as_deref() == Some(label) && id != keep));
+            (before - s.tokens.len()) as u64
+        })
+    }
+
+    async fn create_session(&self, session: &Session) -> StoreResult<()> {
+        self.with(|s| {
+            if s.sessions.contains_key(&session.session_id) {
+                return Err(StoreError::Conflict(format!("session {}", session.session_id)));
+            }
+            s.sessions.insert(session.session_id.clone(), session.clone());
+            Ok(())
+        })?
+    }
+
+    async fn get_session(&self, session_id: &str) -> StoreResult<Option<Session>> {
+        self.with(|s| s.sessions.get(session_id).cloned())
+    }
+
+    async fn list_sessions(&self, query: &SessionQuery) -> StoreResult<Vec<Session>> {
+        let statuses = query.effective_statuses();
+        self.with(|s| {
+            let mut found: Vec<Session> = s
+                .sessions
+                .values()
+                .filter(|x| query.user_id.as_ref().is_none_or(|u| &x.user_id == u))
+                .filter(|x| statuses.contains(&x.status))
+                .filter(|x| {
+                    query.after.as_ref().is_none_or(|c| {
+                        (x.created_at, x.session_id.as_str()) < (c.created_at, c.session_id.as_str())
+                    })
+                })
+                .cloned()
+                .collect();
+            // Newest first, ties broken by id, like the SQL backends.
+            found.sort_by(|a, b| (b.created_at, &b.session_id).cmp(&(a.created_at, &a.session_id)));
+            found.truncate(query.limit as usize);
+            found
+        })
+    }
+
+    async fn count_sessions(&self, user_id: Option<&str>, status: SessionStatus) -> StoreResult<u64> {
+        self.with(|s| {
+            s.sessions
+                .values()
+                .filter(|x| x.status == status && user_id.is_none_or(|u| x.user_id == u))
+                .count() as u64
+        })
+    }
+
+    async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>) -> StoreResult<bool> {
+        self.with(|s| match s.sessions.get_mut(session_id) {
+            Some(session) if session.status != SessionStatus::Deleted => {
+                session.status = status;
+                if status == SessionStatus::Active {
+                    session.last_active_at = at;
+                }
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn touch_session(&self, session_id: &str, at: DateTime<Utc>, messages: i64) -> StoreResult<bool> {
+        self.with(|s| match s.sessions.get_mut(session_id) {
+            Some(session) if session.status != SessionStatus::Deleted => {
+                session.last_active_at = at;
+                session.message_count += messages;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>> {
+        self.with(|s| {
+            s.sessions
+                .values_mut()
+                .filter(|x| x.status == SessionStatus::Active && x.last_active_at < cutoff)
+                .map(|x| {
+                    x.status = SessionStatus::Expired;
+                    x.session_id.clone()
+                })
+                .collect()
+        })
+    }
+}

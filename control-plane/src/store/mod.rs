@@ -1,0 +1,288 @@
+//! Persistent state: users, API tokens and sessions, behind one [`Store`]
+//! trait with three implementations (memory, SQLite, PostgreSQL).
+//!
+//! The SQL backends share one implementation ([`sql`]) whose queries run
+//! unchanged on both; each backend's file only connects and migrates.
+//! Migrations live in `migrations/<backend>/` and are applied at start-up.
+//!
+//! Timestamps are UTC truncated to microseconds (what PostgreSQL keeps), so a
+//! value read back compares equal to the one written, and pagination cursors
+//! built from them are exact.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::config::{StorageKind, StoreLocation};
+
+mod memory;
+mod postgres;
+mod sql;
+mod sqlite;
+
+pub use memory::MemoryStore;
+
+/// Store failures. `Unavailable` means the database could not be reached or
+/// refused the operation (the API answers 503); `Conflict` a unique key.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict(db.message().to_owned()),
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(error.to_string()),
+            // SQLite reports a full disk, a read-only file or a locked
+            // database as database errors; they are outages, not bugs.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("13" | "8" | "5" | "10" | "14"))
+                    || db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
+            {
+                Self::Unavailable(error.to_string())
+            }
+            _ => Self::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        Self::Internal(format!("migration failed: {error}"))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The current time as stored: UTC, microsecond precision.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::User => "user",
+        }
+    }
+
+    pub fn parse(value: &str) -> StoreResult<Self> {
+        match value {
+            "admin" => Ok(Self::Admin),
+            "user" => Ok(Self::User),
+            other => Err(StoreError::Internal(format!("unknown role {other:?} in store"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    /// The user's name, also their directory under `user.base_dir`.
+    pub user_id: String,
+    pub role: Role,
+    pub created_at: DateTime<Utc>,
+    /// Uid the user's worker runs as in privileged sandbox mode.
+    pub uid: Option<i64>,
+}
+
+/// An API token as stored: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ApiToken {
+    pub token_id: String,
+    pub user_id: String,
+    #[serde(skip)]
+    pub token_hash: String,
+    pub label: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    /// Open: chat and resume work.
+    Active,
+    /// Idle longer than `session.ttl`; `resume` reopens it.
+    Expired,
+    /// Deleted by its owner: answers 404 everywhere, forever.
+    Deleted,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Expired => "expired",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(value: &str) -> StoreResult<Self> {
+        match value {
+            "active" => Ok(Self::Active),
+            "expired" => Ok(Self::Expired),
+            "deleted" => Ok(Self::Deleted),
+            other => Err(StoreError::Internal(format!("unknown session status {other:?} in store"))),
+        }
+    }
+}
+
+/// Per-session CLI options; each `None` falls back to the config defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_tools: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disallowed_tools: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub mcp_servers: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub plugins: Option<Vec<serde_json::Value>>,
+}
+
+/// Token and cost totals of a session, summed from each turn's result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UsageTotals {
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_tokens: i64,
+    pub cache_creation_tokens: i64,
+    pub total_cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub session_id: String,
+    pub user_id: String,
+    pub subdir: Option<String>,
+    pub cwd: String,
+    pub options: SessionOptions,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub status: SessionStatus,
+    pub created_at: DateTime<Utc>,
+    pub last_active_at: DateTime<Utc>,
+    pub message_count: i64,
+    /// The CLI's own session id, for `--resume` (ours, given with
+    /// `--session-id`, unless the CLI forked it).
+    pub cli_session_id: Option<String>,
+    pub usage: UsageTotals,
+}
+
+/// Position after which a page of sessions starts (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCursor {
+    pub created_at: DateTime<Utc>,
+    pub session_id: String,
+}
+
+/// Which sessions a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct SessionQuery {
+    /// Only this user's sessions (`None`: everyone's, for admins).
+    pub user_id: Option<String>,
+    /// Only sessions in these states; empty means every state but `deleted`.
+    pub statuses: Vec<SessionStatus>,
+    pub after: Option<SessionCursor>,
+    pub limit: u32,
+}
+
+impl SessionQuery {
+    /// The statuses to match, `deleted` excluded unless asked for.
+    fn effective_statuses(&self) -> Vec<SessionStatus> {
+        if self.statuses.is_empty() {
+            vec![SessionStatus::Active, SessionStatus::Expired]
+        } else {
+            self.statuses.clone()
+        }
+    }
+}
+
+/// Storage of users, tokens and sessions. Every method is one atomic step.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn kind(&self) -> StorageKind;
+
+    /// Checks that the database answers (for `/health`).
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a user; `Conflict` if the id is taken.
+    async fn create_user(&self, user: &User) -> StoreResult<()>;
+    async fn get_user(&self, user_id: &str) -> StoreResult<Option<User>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn count_users(&self) -> StoreResult<u64>;
+    /// Deletes a user and their tokens, and marks their sessions deleted.
+    async fn delete_user(&self, user_id: &str) -> StoreResult<bool>;
+
+    /// Stores a token; `Conflict` if its hash exists.
+    async fn create_token(&self, token: &ApiToken) -> StoreResult<()>;
+    /// The live (unexpired) token with this hash and its user; records the use.
+    async fn authenticate_token(&self, token_hash: &str, at: DateTime<Utc>) -> StoreResult<Option<(ApiToken, User)>>;
+    async fn list_tokens(&self, user_id: &str) -> StoreResult<Vec<ApiToken>>;
+    async fn get_token(&self, token_id: &str) -> StoreResult<Option<ApiToken>>;
+    async fn delete_token(&self, token_id: &str) -> StoreResult<bool>;
+    /// Deletes a user's tokens with this label except `keep` (rotation of the
+    /// configured admin token).
+    async fn delete_tokens_by_label(&self, user_id: &str, label: &str, keep: &str) -> StoreResult<u64>;
+
+    async fn create_session(&self, session: &Session) -> StoreResult<()>;
+    /// A session in any state, `deleted` included (callers decide).
+    async fn get_session(&self, session_id: &str) -> StoreResult<Option<Session>>;
+    async fn list_sessions(&self, query: &SessionQuery) -> StoreResult<Vec<Session>>;
+    /// Sessions in `status`, of one user or of everyone.
+    async fn count_sessions(&self, user_id: Option<&str>, status: SessionStatus) -> StoreResult<u64>;
+    /// Moves a session to `status` unless it is deleted; false if absent or
+    /// deleted.
+    async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>) -> StoreResult<bool>;
+    /// Records activity: `last_active_at = at`, `message_count += messages`.
+    async fn touch_session(&self, session_id: &str, at: DateTime<Utc>, messages: i64) -> StoreResult<bool>;
+    /// Marks active sessions idle since before `cutoff` as expired; returns
+    /// their ids.
+    async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>>;
+}
+
+/// Opens the configured store and applies its migrations.
+pub async fn open(location: &StoreLocation) -> StoreResult<Arc<dyn Store>> {
+    Ok(match location {
+        StoreLocation::Memory => Arc::new(MemoryStore::default()),
+        StoreLocation::Sqlite(path) => Arc::new(sqlite::open(path).await?),
+        StoreLocation::Postgres { url, schema, max_connections } => {
+            Arc::new(postgres::open(url.expose(), schema.as_deref(), *max_connections).await?)
+        }
+    })
+}

@@ -1,0 +1,414 @@
+//! The SQL implementation of [`Store`], shared by SQLite and PostgreSQL.
+//!
+//! Every query is written once, in the subset both databases speak: `$N`
+//! placeholders (sqlx binds them by number on SQLite too), `RETURNING`,
+//! `ON CONFLICT`, and types that sqlx maps on both (`DateTime<Utc>`, JSON,
+//! `i64`, `f64`, text). The macro stamps the implementation onto each
+//! backend's store type, because sqlx's executor traits are per database and
+//! a generic `impl<DB>` would need a page of trait bounds.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+
+use super::{ApiToken, Role, Session, SessionOptions, SessionStatus, StoreResult, UsageTotals, User};
+
+/// How long a token's `last_used_at` may lag: updating it on every request
+/// would turn every authenticated read into a write.
+pub(super) const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+pub(super) const USER_COLUMNS: &str = "user_id, role, created_at, uid";
+pub(super) const TOKEN_COLUMNS: &str = "token_id, user_id, token_hash, label, created_at, expires_at, last_used_at";
+pub(super) const SESSION_COLUMNS: &str = "session_id, user_id, subdir, cwd, options, metadata, status, created_at, \
+     last_active_at, message_count, cli_session_id, input_tokens, output_tokens, cache_read_tokens, \
+     cache_creation_tokens, total_cost_usd";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct UserRow {
+    user_id: String,
+    role: String,
+    created_at: DateTime<Utc>,
+    uid: Option<i64>,
+}
+
+impl UserRow {
+    pub(super) fn into_user(self) -> StoreResult<User> {
+        Ok(User { user_id: self.user_id, role: Role::parse(&self.role)?, created_at: self.created_at, uid: self.uid })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct TokenRow {
+    token_id: String,
+    user_id: String,
+    token_hash: String,
+    label: Option<String>,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+impl From<TokenRow> for ApiToken {
+    fn from(row: TokenRow) -> Self {
+        Self {
+            token_id: row.token_id,
+            user_id: row.user_id,
+            token_hash: row.token_hash,
+            label: row.label,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            last_used_at: row.last_used_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SessionRow {
+    session_id: String,
+    user_id: String,
+    subdir: Option<String>,
+    cwd: String,
+    options: Json<SessionOptions>,
+    metadata: Json<serde_json::Map<String, serde_json::Value>>,
+    status: String,
+    created_at: DateTime<Utc>,
+    last_active_at: DateTime<Utc>,
+    message_count: i64,
+    cli_session_id: Option<String>,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_read_tokens: i64,
+    cache_creation_tokens: i64,
+    total_cost_usd: f64,
+}
+
+impl SessionRow {
+    pub(super) fn into_session(self) -> StoreResult<Session> {
+        Ok(Session {
+            session_id: self.session_id,
+            user_id: self.user_id,
+            subdir: self.subdir,
+            cwd: self.cwd,
+            options: self.options.0,
+            metadata: self.metadata.0,
+            status: SessionStatus::parse(&self.status)?,
+            created_at: self.created_at,
+            last_active_at: self.last_active_at,
+            message_count: self.message_count,
+            cli_session_id: self.cli_session_id,
+            usage: UsageTotals {
+                input_tokens: self.input_tokens,
+                output_tokens: self.output_tokens,
+                cache_read_tokens: self.cache_read_tokens,
+                cache_creation_tokens: self.cache_creation_tokens,
+                total_cost_usd: self.total_cost_usd,
+            },
+        })
+    }
+}
+
+/// Up to three statuses as separate binds (`status IN ($a, $b, $c)`), padded
+/// with NULL, which never matches.
+pub(super) fn status_binds(statuses: &[SessionStatus]) -> [Option<&'static str>; 3] {
+    let mut binds = [None; 3];
+    for (slot, status) in binds.iter_mut().zip(statuses) {
+        *slot = Some(status.as_str());
+    }
+    binds
+}
+
+/// Implements [`Store`](super::Store) for a struct with a `pool:
+/// sqlx::Pool<$db>` field.
+macro_rules! impl_sql_store {
+    ($store:ty, $db:ty, $kind:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            fn kind(&self) -> $crate::config::StorageKind {
+                $kind
+            }
+
+            async fn ping(&self) -> $crate::store::StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn create_user(&self, user: &$crate::store::User) -> $crate::store::StoreResult<()> {
+                sqlx::query("INSERT INTO users (user_id, role, created_at, uid) VALUES ($1, $2, $3, $4)")
+                    .bind(&user.user_id)
+                    .bind(user.role.as_str())
+                    .bind(user.created_at)
+                    .bind(user.uid)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn get_user(&self, user_id: &str) -> $crate::store::StoreResult<Option<$crate::store::User>> {
+                let sql = format!("SELECT {} FROM users WHERE user_id = $1", $crate::store::sql::USER_COLUMNS);
+                sqlx::query_as::<_, $crate::store::sql::UserRow>(&sql)
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map($crate::store::sql::UserRow::into_user)
+                    .transpose()
+            }
+
+            async fn list_users(&self) -> $crate::store::StoreResult<Vec<$crate::store::User>> {
+                let sql = format!("SELECT {} FROM users ORDER BY user_id", $crate::store::sql::USER_COLUMNS);
+                sqlx::query_as::<_, $crate::store::sql::UserRow>(&sql)
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map($crate::store::sql::UserRow::into_user)
+                    .collect()
+            }
+
+            async fn count_users(&self) -> $crate::store::StoreResult<u64> {
+                let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users").fetch_one(&self.pool).await?;
+                Ok(count as u64)
+            }
+
+            async fn delete_user(&self, user_id: &str) -> $crate::store::StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("DELETE FROM api_tokens WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE sessions SET status = 'deleted' WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let deleted =
+                    sqlx::query("DELETE FROM users WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(deleted.rows_affected() > 0)
+            }
+
+            async fn create_token(&self, token: &$crate::store::ApiToken) -> $crate::store::StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO api_tokens (token_id, user_id, token_hash, label, created_at, expires_at, last_used_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&token.token_id)
+                .bind(&token.user_id)
+                .bind(&token.token_hash)
+                .bind(&token.label)
+                .bind(token.created_at)
+                .bind(token.expires_at)
+                .bind(token.last_used_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn authenticate_token(
+                &self,
+                token_hash: &str,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<Option<($crate::store::ApiToken, $crate::store::User)>> {
+                let sql = format!(
+                    "SELECT {} FROM api_tokens WHERE token_hash = $1 AND (expires_at IS NULL OR expires_at > $2)",
+                    $crate::store::sql::TOKEN_COLUMNS
+                );
+                let Some(row) = sqlx::query_as::<_, $crate::store::sql::TokenRow>(&sql)
+                    .bind(token_hash)
+                    .bind(at)
+                    .fetch_optional(&self.pool)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let mut token = $crate::store::ApiToken::from(row);
+                let Some(user) = $crate::store::Store::get_user(self, &token.user_id).await? else {
+                    return Ok(None);
+                };
+                if token.last_used_at.is_none_or(|t| at - t >= $crate::store::sql::LAST_USED_GRANULARITY) {
+                    sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE token_id = $2")
+                        .bind(at)
+                        .bind(&token.token_id)
+                        .execute(&self.pool)
+                        .await?;
+                    token.last_used_at = Some(at);
+                }
+                Ok(Some((token, user)))
+            }
+
+            async fn list_tokens(&self, user_id: &str) -> $crate::store::StoreResult<Vec<$crate::store::ApiToken>> {
+                let sql = format!(
+                    "SELECT {} FROM api_tokens WHERE user_id = $1 ORDER BY created_at, token_id",
+                    $crate::store::sql::TOKEN_COLUMNS
+                );
+                Ok(sqlx::query_as::<_, $crate::store::sql::TokenRow>(&sql)
+                    .bind(user_id)
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(Into::into)
+                    .collect())
+            }
+
+            async fn get_token(&self, token_id: &str) -> $crate::store::StoreResult<Option<$crate::store::ApiToken>> {
+                let sql = format!("SELECT {} FROM api_tokens WHERE token_id = $1", $crate::store::sql::TOKEN_COLUMNS);
+                Ok(sqlx::query_as::<_, $crate::store::sql::TokenRow>(&sql)
+                    .bind(token_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(Into::into))
+            }
+
+            async fn delete_token(&self, token_id: &str) -> $crate::store::StoreResult<bool> {
+                let result =
+                    sqlx::query("DELETE FROM api_tokens WHERE token_id = $1").bind(token_id).execute(&self.pool).await?;
+                Ok(result.rows_affected() > 0)
+            }
+
+            async fn delete_tokens_by_label(
+                &self,
+                user_id: &str,
+                label: &str,
+                keep: &str,
+            ) -> $crate::store::StoreResult<u64> {
+                let result =
+                    sqlx::query("DELETE FROM api_tokens WHERE user_id = $1 AND label = $2 AND token_id <> $3")
+                        .bind(user_id)
+                        .bind(label)
+                        .bind(keep)
+                        .execute(&self.pool)
+                        .await?;
+                Ok(result.rows_affected())
+            }
+
+            async fn create_session(&self, session: &$crate::store::Session) -> $crate::store::StoreResult<()> {
+                let sql = format!(
+                    "INSERT INTO sessions ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                    $crate::store::sql::SESSION_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(&session.session_id)
+                    .bind(&session.user_id)
+                    .bind(&session.subdir)
+                    .bind(&session.cwd)
+                    .bind(sqlx::types::Json(&session.options))
+                    .bind(sqlx::types::Json(&session.metadata))
+                    .bind(session.status.as_str())
+                    .bind(session.created_at)
+                    .bind(session.last_active_at)
+                    .bind(session.message_count)
+                    .bind(&session.cli_session_id)
+                    .bind(session.usage.input_tokens)
+                    .bind(session.usage.output_tokens)
+                    .bind(session.usage.cache_read_tokens)
+                    .bind(session.usage.cache_creation_tokens)
+                    .bind(session.usage.total_cost_usd)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn get_session(
+                &self,
+                session_id: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::store::Session>> {
+                let sql =
+                    format!("SELECT {} FROM sessions WHERE session_id = $1", $crate::store::sql::SESSION_COLUMNS);
+                sqlx::query_as::<_, $crate::store::sql::SessionRow>(&sql)
+                    .bind(session_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map($crate::store::sql::SessionRow::into_session)
+                    .transpose()
+            }
+
+            async fn list_sessions(
+                &self,
+                query: &$crate::store::SessionQuery,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::Session>> {
+                let sql = format!(
+                    "SELECT {} FROM sessions \
+                     WHERE ($1 IS NULL OR user_id = $1) AND status IN ($2, $3, $4) \
+                       AND ($5 IS NULL OR created_at < $5 OR (created_at = $5 AND session_id < $6)) \
+                     ORDER BY created_at DESC, session_id DESC LIMIT $7",
+                    $crate::store::sql::SESSION_COLUMNS
+                );
+                let [s1, s2, s3] = $crate::store::sql::status_binds(&query.effective_statuses());
+                sqlx::query_as::<_, $crate::store::sql::SessionRow>(&sql)
+                    .bind(query.user_id.as_deref())
+                    .bind(s1)
+                    .bind(s2)
+                    .bind(s3)
+                    .bind(query.after.as_ref().map(|c| c.created_at))
+                    .bind(query.after.as_ref().map(|c| c.session_id.as_str()).unwrap_or(""))
+                    .bind(i64::from(query.limit))
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map($crate::store::sql::SessionRow::into_session)
+                    .collect()
+            }
+
+            async fn count_sessions(
+                &self,
+                user_id: Option<&str>,
+                status: $crate::store::SessionStatus,
+            ) -> $crate::store::StoreResult<u64> {
+                let (count,): (i64,) =
+                    sqlx::query_as("SELECT COUNT(*) FROM sessions WHERE ($1 IS NULL OR user_id = $1) AND status = $2")
+                        .bind(user_id)
+                        .bind(status.as_str())
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(count as u64)
+            }
+
+            async fn set_session_status(
+                &self,
+                session_id: &str,
+                status: $crate::store::SessionStatus,
+                at: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<bool> {
+                // Reopening counts as activity, so the TTL starts again.
+                let result = sqlx::query(
+                    "UPDATE sessions SET status = $1, \
+                       last_active_at = CASE WHEN $1 = 'active' THEN $2 ELSE last_active_at END \
+                     WHERE session_id = $3 AND status <> 'deleted'",
+                )
+                .bind(status.as_str())
+                .bind(at)
+                .bind(session_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() > 0)
+            }
+
+            async fn touch_session(
+                &self,
+                session_id: &str,
+                at: chrono::DateTime<chrono::Utc>,
+                messages: i64,
+            ) -> $crate::store::StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE sessions SET last_active_at = $1, message_count = message_count + $2 \
+                     WHERE session_id = $3 AND status <> 'deleted'",
+                )
+                .bind(at)
+                .bind(messages)
+                .bind(session_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() > 0)
+            }
+
+            async fn expire_idle_sessions(
+                &self,
+                cutoff: chrono::DateTime<chrono::Utc>,
+            ) -> $crate::store::StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "UPDATE sessions SET status = 'expired' WHERE status = 'active' AND last_active_at < $1 \
+                     RETURNING session_id",
+                )
+                .bind(cutoff)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+        }
+    };
+}
+
+pub(super) use impl_sql_store;
