@@ -58,7 +58,7 @@ impl Services {
 pub enum StartError {
     #[error("storage: {0}")]
     Store(#[from] store::StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     UserDirs(#[from] crate::userdir::UserDirError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },

@@ -92,7 +92,8 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("claude-agent-http: {e:#}");
+            // Each error's message already carries its cause.
+            eprintln!("claude-agent-http: {e}");
             ExitCode::FAILURE
         }
     }
@@ -192,30 +193,41 @@ async fn tokens(command: TokensCommand, store: &dyn Store) -> anyhow::Result<()>
 #[allow(clippy::print_stdout)]
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_tracing(&config);
+    // Handlers first: a SIGTERM right after the "listening" line must shut
+    // down gracefully, not kill the process.
+    let shutdown = CancellationToken::new();
+    let signals = ShutdownSignals::install()?;
+    tokio::spawn(signals.cancel(shutdown.clone()));
     let app = App::build(config).await?;
     let addr = app.local_addr()?;
     // One machine-readable line on stdout: tests and scripts wait for it to
     // learn the port when started with port 0.
     println!("claude-agent-http listening on http://{addr}");
     tracing::info!(%addr, storage = app.state.store.kind().as_str(), "listening");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
     app.run(shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+/// SIGTERM and SIGINT, registered before the server announces itself.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
-    shutdown.cancel();
+
+    async fn cancel(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    }
 }
 
 /// Logs to stderr: JSON when not on a terminal (or when configured), else

@@ -553,12 +553,19 @@ impl Config {
     }
 }
 
-/// figment's messages name the key and the source; keep them, drop the
-/// `default.` profile prefix that means nothing to an operator.
+/// One line per problem: the key, what is wrong with it (figment lists the
+/// allowed values), and where the value came from.
 fn describe_figment_error(error: figment::Error) -> String {
     error
         .into_iter()
-        .map(|e| e.to_string().replace("\"default.", "\""))
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = match FLAT_ENV.iter().find(|(name, target)| *target == key && std::env::var_os(name).is_some()) {
+                Some((name, _)) => format!(" (from {name})"),
+                None => e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default(),
+            };
+            format!("key `{key}`: {}{source}", e.kind)
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

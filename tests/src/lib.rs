@@ -1,0 +1,317 @@
+//! Test harness: starts the real `claude-agent-http` binary on port 0 with
+//! its own data directory and database (a fresh SQLite file, a fresh
+//! PostgreSQL schema, or memory), and talks to it over HTTP.
+//!
+//! The binary is found through `CLAUDE_AGENT_HTTP_BIN`, else next to the
+//! test executable in `target/<profile>/` (`cargo build --workspace --bins`
+//! puts it there; `CARGO_BIN_EXE_*` only covers a crate's own binaries).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// PostgreSQL of every machine and of CI.
+pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// Path of a workspace binary (`claude-agent-http`, `claude-agent-worker`).
+pub fn binary_path(name: &str) -> PathBuf {
+    let env = format!("{}_BIN", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&env) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace --bins` first or set {env}",
+        path.display()
+    );
+    path
+}
+
+/// A random lowercase identifier usable as a schema or database name.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Runs one statement on the test PostgreSQL (fails loudly if it is down).
+pub async fn postgres_exec(sql: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(POSTGRES_URL)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {POSTGRES_URL} is required by this test: {e}"));
+    sqlx::query(sql).execute(&mut conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// How to start a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub backend: Backend,
+    /// Extra YAML appended to the generated config (top-level sections must
+    /// not repeat the generated ones: `api`, `user`, `session`, `log`; use
+    /// `env` for those keys).
+    pub extra_yaml: String,
+    /// Environment of the server, beyond the harness's own.
+    pub env: Vec<(String, String)>,
+    /// Give the server a configured admin token (else it generates one).
+    pub admin_token: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { backend: Backend::Sqlite, extra_yaml: String::new(), env: Vec::new(), admin_token: true }
+    }
+}
+
+impl ServerConfig {
+    pub fn backend(backend: Backend) -> Self {
+        Self { backend, ..Self::default() }
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    pub fn yaml(mut self, yaml: &str) -> Self {
+        self.extra_yaml.push_str(yaml);
+        self.extra_yaml.push('\n');
+        self
+    }
+}
+
+/// A running server, killed when dropped.
+#[derive(Debug)]
+pub struct TestServer {
+    child: Child,
+    pub base_url: String,
+    pub admin_token: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub config: ServerConfig,
+    pg_schema: Option<String>,
+}
+
+impl TestServer {
+    /// A server on SQLite with a configured admin token.
+    pub async fn start() -> Self {
+        Self::start_with(ServerConfig::default()).await
+    }
+
+    pub async fn start_with(config: ServerConfig) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg_schema = (config.backend == Backend::Postgres).then(|| unique_name("it"));
+        Self::launch(config, dir, pg_schema).await
+    }
+
+    /// Writes the config file, starts the binary and waits for its
+    /// "listening" line.
+    async fn launch(config: ServerConfig, dir: tempfile::TempDir, pg_schema: Option<String>) -> Self {
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("users")).expect("users dir");
+        let mut yaml = format!(
+            "api:\n  host: 127.0.0.1\n  port: 0\nuser:\n  base_dir: {users}\nlog:\n  level: info,sqlx=warn\n  format: json\n",
+            users = root.join("users").display(),
+        );
+        let session = match (config.backend, &pg_schema) {
+            (Backend::Memory, _) => "session:\n  storage: memory\n".to_owned(),
+            (Backend::Sqlite, _) => {
+                format!("session:\n  storage: sqlite\n  sqlite_path: {}\n", root.join("db/sessions.db").display())
+            }
+            (Backend::Postgres, schema) => format!(
+                "session:\n  storage: postgresql\n  database_url: {POSTGRES_URL}\n  pg_schema: {}\n",
+                schema.as_deref().unwrap_or("public")
+            ),
+        };
+        yaml.push_str(&session);
+        yaml.push_str(&config.extra_yaml);
+        let config_path = root.join("config.yaml");
+        std::fs::write(&config_path, yaml).expect("write config");
+
+        let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+        let mut command = Command::new(binary_path("claude-agent-http"));
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", root)
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(root.join("server.log")).expect("log file"))
+            .kill_on_drop(true);
+        if config.admin_token {
+            command.env("CLAUDE_AGENT_ADMIN_TOKEN", &admin_token);
+        }
+        for (key, value) in &config.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start claude-agent-http");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let wait = async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("claude-agent-http listening on ") {
+                    return Some(url.trim().to_owned());
+                }
+            }
+            None
+        };
+        let base_url = match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(Some(url)) => url,
+            other => {
+                let log = std::fs::read_to_string(root.join("server.log")).unwrap_or_default();
+                panic!("server did not start ({other:?}); its log:\n{log}");
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+        Self { child, base_url, admin_token, client, dir, config, pg_schema }
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same data.
+    pub async fn restart(mut self) -> Self {
+        self.terminate().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let pg_schema = self.pg_schema.take();
+        let config = self.config.clone();
+        let mut restarted = Self::launch(config, dir, pg_schema).await;
+        restarted.admin_token = self.admin_token.clone();
+        restarted
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("server exits within 30 s of SIGTERM")
+            .expect("wait")
+    }
+
+    /// The server's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn users_dir(&self) -> PathBuf {
+        self.dir.path().join("users")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// A request with `token` as Bearer (none if `None`).
+    pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let builder = self.client.request(method, self.url(path));
+        match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        Reply::from(self.request(Method::GET, path, Some(token)).send().await).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Reply {
+        Reply::from(self.request(Method::DELETE, path, Some(token)).send().await).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Reply {
+        Reply::from(self.request(Method::POST, path, Some(token)).json(&body).send().await).await
+    }
+
+    /// Creates `user_id` (as admin) and returns a fresh token for it.
+    pub async fn user_with_token(&self, user_id: &str) -> String {
+        let created = self.post("/api/v1/users", &self.admin_token, serde_json::json!({"user_id": user_id})).await;
+        assert!(created.status == StatusCode::CREATED || created.status == StatusCode::CONFLICT, "{created:?}");
+        let token =
+            self.post(&format!("/api/v1/users/{user_id}/tokens"), &self.admin_token, serde_json::json!({})).await;
+        assert_eq!(token.status, StatusCode::CREATED, "{token:?}");
+        token.body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Creates a session for the token's user and returns its id.
+    pub async fn session(&self, token: &str, body: Value) -> String {
+        let reply = self.post("/api/v1/sessions", token, body).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{reply:?}");
+        reply.body["session_id"].as_str().expect("session_id").to_owned()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(schema) = self.pg_schema.take() {
+            // Best-effort cleanup on a thread of its own (no runtime here).
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        use sqlx::Connection;
+                        if let Ok(mut conn) = sqlx::PgConnection::connect(POSTGRES_URL).await {
+                            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                                .execute(&mut conn)
+                                .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// A response read whole: status, headers, JSON body (or `Value::Null`).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub async fn from(response: reqwest::Result<Response>) -> Self {
+        let response = response.expect("request sent");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Self { status, headers, body, text }
+    }
+
+    /// Asserts the status and the JSON error shape `{"detail", "code"}`.
+    pub fn assert_error(&self, status: StatusCode, code: &str) -> &Self {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.body["code"], code, "{self:?}");
+        assert!(self.body.get("detail").is_some(), "error without detail: {self:?}");
+        self
+    }
+
+    /// The `loc` of the first 422 error.
+    pub fn error_loc(&self) -> Value {
+        self.body["detail"][0]["loc"].clone()
+    }
+}

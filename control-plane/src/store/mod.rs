@@ -41,23 +41,36 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match &error {
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict(db.message().to_owned()),
+            sqlx::Error::Database(db) if db.code().is_some_and(|code| is_outage_code(&code)) => {
+                Self::Unavailable(error.to_string())
+            }
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => Self::Unavailable(error.to_string()),
-            // SQLite reports a full disk, a read-only file or a locked
-            // database as database errors; they are outages, not bugs.
-            sqlx::Error::Database(db)
-                if matches!(db.code().as_deref(), Some("13" | "8" | "5" | "10" | "14"))
-                    || db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")) =>
-            {
-                Self::Unavailable(error.to_string())
-            }
             _ => Self::Internal(error.to_string()),
         }
     }
+}
+
+/// Database error codes that mean "the database cannot serve us right now"
+/// (an outage to answer with 503), not "this query is wrong".
+fn is_outage_code(code: &str) -> bool {
+    // A SQLSTATE always has five characters (and may be all digits);
+    // SQLite's codes have at most four digits.
+    if code.len() < 5
+        && let Ok(extended) = code.parse::<i32>()
+    {
+        // SQLite (numeric, possibly extended): BUSY, LOCKED, READONLY,
+        // IOERR, FULL, CANTOPEN.
+        return matches!(extended & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
+    }
+    // PostgreSQL SQLSTATE classes: connection exception, invalid
+    // authorization, invalid catalog, insufficient resources, operator
+    // intervention, system error; and "database not accepting connections".
+    ["08", "28", "3D", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || code == "55000"
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {

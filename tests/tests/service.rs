@@ -1,0 +1,250 @@
+//! Service-level behaviour of the real binary: health, docs, error shapes,
+//! configuration errors, admin subcommands, storage outages.
+
+use std::process::Stdio;
+
+use integration_tests::{POSTGRES_URL, Reply, ServerConfig, TestServer, binary_path, postgres_exec, unique_name};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn root_and_health_keep_the_seed_shape() {
+    let server = TestServer::start().await;
+    let root = Reply::from(server.request(Method::GET, "/", None).send().await).await;
+    assert_eq!(root.body["name"], "Claude Agent HTTP API");
+    assert_eq!(root.body["docs"], "/docs");
+    let health = Reply::from(server.request(Method::GET, "/health", None).send().await).await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.body["status"], "healthy");
+    assert_eq!(health.body["storage_type"], "sqlite");
+    for key in ["version", "active_sessions", "in_memory_clients", "memory_mb", "uptime_seconds"] {
+        assert!(health.body.get(key).is_some(), "health lacks {key}: {health:?}");
+    }
+    let alice = server.user_with_token("alice").await;
+    server.session(&alice, json!({})).await;
+    let health = Reply::from(server.request(Method::GET, "/health", None).send().await).await;
+    assert_eq!(health.body["active_sessions"], 1);
+}
+
+#[tokio::test]
+async fn openapi_describes_every_route_and_docs_work_offline() {
+    let server = TestServer::start().await;
+    let spec = Reply::from(server.request(Method::GET, "/openapi.json", None).send().await).await;
+    assert_eq!(spec.status, StatusCode::OK);
+    let paths = spec.body["paths"].as_object().expect("paths");
+    let expected = [
+        ("/", "get"),
+        ("/health", "get"),
+        ("/api/v1/sessions", "post"),
+        ("/api/v1/sessions", "get"),
+        ("/api/v1/sessions/{session_id}", "get"),
+        ("/api/v1/sessions/{session_id}", "delete"),
+        ("/api/v1/sessions/{session_id}/resume", "post"),
+        ("/api/v1/users", "post"),
+        ("/api/v1/users", "get"),
+        ("/api/v1/users/{user_id}", "get"),
+        ("/api/v1/users/{user_id}", "delete"),
+        ("/api/v1/users/{user_id}/tokens", "post"),
+        ("/api/v1/users/{user_id}/tokens", "get"),
+        ("/api/v1/tokens/{token_id}", "delete"),
+        ("/api/v1/me", "get"),
+    ];
+    for (path, method) in expected {
+        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from the spec");
+    }
+    assert_eq!(paths.len(), 10, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
+    assert!(spec.body["components"]["securitySchemes"]["bearer"].is_object());
+
+    // Swagger UI is served from the binary: the page and its assets, no CDN.
+    let page = Reply::from(server.request(Method::GET, "/docs/", None).send().await).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text.contains("swagger-ui"), "{}", page.text);
+    assert!(!page.text.contains("cdn") && !page.text.contains("unpkg"), "{}", page.text);
+    for asset in ["/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js", "/docs/swagger-initializer.js"] {
+        let reply = server.request(Method::GET, asset, None).send().await.expect("asset");
+        assert_eq!(reply.status(), StatusCode::OK, "{asset}");
+    }
+    let init = server.request(Method::GET, "/docs/swagger-initializer.js", None).send().await.expect("init");
+    assert!(init.text().await.expect("text").contains("/openapi.json"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let server = TestServer::start().await;
+    let missing = Reply::from(server.request(Method::GET, "/nope", None).send().await).await;
+    missing.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let method = Reply::from(server.request(Method::PUT, "/health", None).send().await).await;
+    method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+}
+
+/// Runs the binary with arguments and env; returns (exit code, stdout, stderr).
+fn run_cli(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path) -> (i32, String, String) {
+    let output = std::process::Command::new(binary_path("claude-agent-http"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", dir)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run claude-agent-http");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_stops_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.yaml");
+    let cases: [(&str, &[(&str, &str)], &[&str]); 7] = [
+        ("api:\n  prot: 1\n", &[], &["prot"]),
+        ("session:\n  storage: mongo\n", &[], &["session.storage", "mongo", "sqlite", "postgresql"]),
+        ("api:\n  port: 99999\n", &[], &["api.port"]),
+        ("", &[("CLAUDE_AGENT_API_PORT", "abc")], &["api.port", "CLAUDE_AGENT_API_PORT"]),
+        ("defaults:\n  permission_mode: yolo\n", &[], &["defaults.permission_mode", "bypassPermissions"]),
+        ("api:\n  host: 0.0.0.0\nauth:\n  mode: none\n", &[], &["auth.mode", "loopback"]),
+        ("", &[("CLAUDE_AGENT_ADMIN_TOKEN", "short")], &["auth.admin_token", "32"]),
+    ];
+    for (yaml, env, needles) in cases {
+        std::fs::write(&config, yaml).expect("write");
+        let (code, _, stderr) = run_cli(&["--config", config.to_str().expect("utf-8"), "check-config"], env, dir.path());
+        assert_eq!(code, 2, "{yaml:?} {env:?}: {stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{yaml:?} {env:?}: {needle:?} not in {stderr}");
+        }
+    }
+    let (code, _, stderr) = run_cli(&["--config", "/nonexistent/config.yaml"], &[], dir.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent/config.yaml"), "{stderr}");
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_key = "sk-ant-this-must-never-print";
+    let admin = "admin-token-that-must-never-print-000000";
+    let env = [
+        ("ANTHROPIC_API_KEY", secret_key),
+        ("CLAUDE_AGENT_ADMIN_TOKEN", admin),
+        ("CLAUDE_AGENT_SESSION_PG_PASSWORD", "pg-secret"),
+        ("CLAUDE_AGENT_USER_BASE_DIR", "~/users"),
+        ("CLAUDE_AGENT_API_HOST", "::1"),
+        ("CLAUDE_AGENT_MAX_CONCURRENT", "9"),
+    ];
+    let (code, stdout, stderr) = run_cli(&["check-config"], &env, dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    for secret in [secret_key, admin, "pg-secret"] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} printed:\n{stdout}");
+    }
+    assert!(stdout.contains("api_key: '***'") || stdout.contains("api_key: \"***\""), "{stdout}");
+    assert!(stdout.contains(&format!("base_dir: {}/users", dir.path().display())), "~ expanded: {stdout}");
+    assert!(stdout.contains("host: ::1") || stdout.contains("host: '::1'"), "{stdout}");
+    assert!(stdout.contains("max_concurrent_requests: 9"), "{stdout}");
+}
+
+#[tokio::test]
+async fn admin_subcommands_manage_the_same_store_as_the_server() {
+    let server = TestServer::start().await;
+    let config = server.dir.path().join("config.yaml");
+    let config = config.to_str().expect("utf-8");
+    let dir = server.dir.path();
+    let (code, out, err) = run_cli(&["--config", config, "users", "add", "alice"], &[], dir);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = run_cli(&["--config", config, "users", "add", "alice"], &[], dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, _, err) = run_cli(&["--config", config, "users", "add", "bad/name"], &[], dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("user_id"), "{err}");
+    let (code, token, err) = run_cli(&["--config", config, "tokens", "create", "alice", "--label", "cli"], &[], dir);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim();
+    assert!(token.starts_with("cah_"), "{token}");
+    // The running server accepts the token issued by the subcommand.
+    let me = server.get("/api/v1/me", token).await;
+    assert_eq!(me.body["user_id"], "alice", "{me:?}");
+    let (_, listed, _) = run_cli(&["--config", config, "users", "list"], &[], dir);
+    assert!(listed.contains("alice") && listed.contains("admin"), "{listed}");
+    let (_, tokens, _) = run_cli(&["--config", config, "tokens", "list", "alice"], &[], dir);
+    assert!(tokens.contains("cli") && !tokens.contains(token), "{tokens}");
+    let token_id = tokens.split_whitespace().next().expect("token id");
+    let (code, _, err) = run_cli(&["--config", config, "tokens", "revoke", token_id], &[], dir);
+    assert_eq!(code, 0, "{err}");
+    server.get("/api/v1/me", token).await.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let (code, _, _) = run_cli(&["--config", config, "users", "delete", "alice"], &[], dir);
+    assert_eq!(code, 0);
+    let (code, out, _) = run_cli(&["--config", config, "migrate"], &[], dir);
+    assert_eq!(code, 0);
+    assert!(out.contains("sqlite"), "{out}");
+}
+
+#[tokio::test]
+async fn health_is_503_while_postgres_refuses_connections_and_recovers() {
+    let database = unique_name("cah_health");
+    postgres_exec(&format!("CREATE DATABASE {database}")).await;
+    let url = POSTGRES_URL.replace("/test", &format!("/{database}"));
+    let config = ServerConfig::default().env("CLAUDE_AGENT_DATABASE_URL", url);
+    let server = TestServer::start_with(config).await;
+    let health = || async { Reply::from(server.request(Method::GET, "/health", None).send().await).await };
+    assert_eq!(health().await.body["storage_type"], "postgresql");
+    assert_eq!(health().await.status, StatusCode::OK);
+
+    postgres_exec(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false")).await;
+    postgres_exec(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+    ))
+    .await;
+    let down = health().await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE, "{down:?}");
+    assert_eq!(down.body["status"], "unhealthy");
+    assert!(!down.text.contains("postgres://"), "no connection details in the body: {}", down.text);
+    // API calls fail with 503 and a clear body, not 500.
+    let alice = server.admin_token.clone();
+    let reply = server.get("/api/v1/sessions", &alice).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}\n{}", server.log());
+    reply.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+
+    postgres_exec(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true")).await;
+    let mut recovered = false;
+    for _ in 0..50 {
+        if health().await.status == StatusCode::OK {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "the pool reconnects by itself");
+    drop(server);
+    postgres_exec(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).await;
+}
+
+#[tokio::test]
+async fn postgres_database_is_created_when_missing() {
+    let database = unique_name("cah_create");
+    let url = POSTGRES_URL.replace("/test", &format!("/{database}"));
+    let server = TestServer::start_with(ServerConfig::default().env("CLAUDE_AGENT_DATABASE_URL", url)).await;
+    let alice = server.user_with_token("alice").await;
+    server.session(&alice, json!({})).await;
+    drop(server);
+    postgres_exec(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).await;
+}
+
+#[tokio::test]
+async fn sqlite_database_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start().await;
+    let mode = std::fs::metadata(server.dir.path().join("db/sessions.db")).expect("db").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "database readable by others: {mode:o}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let mut server = TestServer::start().await;
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(server.log().contains("stopped"));
+}
