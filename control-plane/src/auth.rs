@@ -196,10 +196,7 @@ async fn principal_from_header(
     if !peer.is_some_and(|ip| auth.trusted_proxies.contains(&ip)) {
         return Err(ApiError::Unauthorized);
     }
-    let name = headers
-        .get(auth.header_name.as_str())
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::Unauthorized)?;
+    let name = headers.get(auth.header_name.as_str()).and_then(|v| v.to_str().ok()).ok_or(ApiError::Unauthorized)?;
     shared::names::validate_user_id(name).map_err(|_| ApiError::Unauthorized)?;
     let role = if auth.admin_users.iter().any(|a| a == name) { Role::Admin } else { Role::User };
     // The proxy is the identity provider: its users exist here on first use.

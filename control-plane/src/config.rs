@@ -507,10 +507,7 @@ impl Config {
         if self.auth.mode == AuthMode::None && !self.binds_loopback() {
             return Err(ConfigError::invalid(
                 "auth.mode",
-                format!(
-                    "`none` is only allowed when api.host is a loopback address, not {:?}",
-                    self.api.host
-                ),
+                format!("`none` is only allowed when api.host is a loopback address, not {:?}", self.api.host),
             ));
         }
         if self.auth.mode == AuthMode::Header && self.auth.trusted_proxies.is_empty() {
@@ -560,7 +557,8 @@ fn describe_figment_error(error: figment::Error) -> String {
         .into_iter()
         .map(|e| {
             let key = e.path.join(".");
-            let source = match FLAT_ENV.iter().find(|(name, target)| *target == key && std::env::var_os(name).is_some()) {
+            let source = match FLAT_ENV.iter().find(|(name, target)| *target == key && std::env::var_os(name).is_some())
+            {
                 Some((name, _)) => format!(" (from {name})"),
                 None => e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default(),
             };
@@ -571,6 +569,7 @@ fn describe_figment_error(error: figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

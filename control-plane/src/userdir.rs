@@ -157,8 +157,7 @@ mod tests {
         let (_tmp, dirs) = dirs(true);
         dirs.resolve("alice", None).expect("alice");
         dirs.resolve("bob", None).expect("bob");
-        std::os::unix::fs::symlink(dirs.base_path().join("bob"), dirs.base_path().join("alice/link"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(dirs.base_path().join("bob"), dirs.base_path().join("alice/link")).expect("symlink");
         let sub = Subdir::parse("link").expect("valid");
         let result = dirs.resolve("alice", Some(&sub));
         assert!(matches!(result, Err(UserDirError::Escapes { field: "subdir", .. })), "{result:?}");

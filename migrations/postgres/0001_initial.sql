@@ -1,14 +1,15 @@
--- Users, API tokens (hashes only) and sessions.
+-- Users, API tokens (hashes only) and sessions. Ids use the "C" collation so
+-- they sort byte by byte, as in SQLite and the memory store.
 CREATE TABLE users (
-    user_id     VARCHAR(64) PRIMARY KEY,
+    user_id     VARCHAR(64) COLLATE "C" PRIMARY KEY,
     role        VARCHAR(16) NOT NULL CHECK (role IN ('admin', 'user')),
     created_at  TIMESTAMPTZ NOT NULL,
     uid         BIGINT UNIQUE
 );
 
 CREATE TABLE api_tokens (
-    token_id     VARCHAR(64) PRIMARY KEY,
-    user_id      VARCHAR(64) NOT NULL REFERENCES users (user_id) ON DELETE CASCADE,
+    token_id     VARCHAR(64) COLLATE "C" PRIMARY KEY,
+    user_id      VARCHAR(64) COLLATE "C" NOT NULL REFERENCES users (user_id) ON DELETE CASCADE,
     token_hash   VARCHAR(128) NOT NULL UNIQUE,
     label        VARCHAR(200),
     created_at   TIMESTAMPTZ NOT NULL,
@@ -19,8 +20,8 @@ CREATE INDEX api_tokens_user ON api_tokens (user_id);
 
 -- Sessions outlive their user (status 'deleted') so usage history is kept.
 CREATE TABLE sessions (
-    session_id            VARCHAR(200) PRIMARY KEY,
-    user_id               VARCHAR(64) NOT NULL,
+    session_id            VARCHAR(200) COLLATE "C" PRIMARY KEY,
+    user_id               VARCHAR(64) COLLATE "C" NOT NULL,
     subdir                VARCHAR(255),
     cwd                   TEXT NOT NULL,
     options               JSONB NOT NULL DEFAULT '{}',

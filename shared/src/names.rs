@@ -134,10 +134,7 @@ mod tests {
         assert_eq!(validate_user_id("é"), Err(NameError::BadCharacter('é')));
         assert_eq!(validate_user_id("a\0"), Err(NameError::Nul));
         assert!(validate_user_id(&"a".repeat(64)).is_ok());
-        assert_eq!(
-            validate_user_id(&"a".repeat(65)),
-            Err(NameError::TooLong { max: 64, got: 65 })
-        );
+        assert_eq!(validate_user_id(&"a".repeat(65)), Err(NameError::TooLong { max: 64, got: 65 }));
     }
 
     #[test]
@@ -152,10 +149,7 @@ mod tests {
         assert_eq!(Subdir::parse(""), Err(NameError::Empty));
         assert_eq!(Subdir::parse("a\0b"), Err(NameError::Nul));
         assert_eq!(Subdir::parse("a b"), Err(NameError::BadCharacter(' ')));
-        assert!(matches!(
-            Subdir::parse(&"a".repeat(201)),
-            Err(NameError::TooLong { max: 200, .. })
-        ));
+        assert!(matches!(Subdir::parse(&"a".repeat(201)), Err(NameError::TooLong { max: 200, .. })));
         let nested = Subdir::parse("x/y/z").expect("valid");
         assert_eq!(nested.segments().collect::<Vec<_>>(), ["x", "y", "z"]);
     }

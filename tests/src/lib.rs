@@ -36,11 +36,7 @@ pub fn binary_path(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --workspace --bins` first or set {env}",
-        path.display()
-    );
+    assert!(path.is_file(), "{} not found: run `cargo build --workspace --bins` first or set {env}", path.display());
     path
 }
 

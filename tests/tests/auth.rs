@@ -33,10 +33,9 @@ async fn every_api_route_needs_a_valid_token() {
             assert_eq!(reply.headers["www-authenticate"], "Bearer", "{method} {path}");
         }
     }
-    let basic = Reply::from(
-        server.request(Method::GET, "/api/v1/me", None).header("authorization", "Basic YTpi").send().await,
-    )
-    .await;
+    let basic =
+        Reply::from(server.request(Method::GET, "/api/v1/me", None).header("authorization", "Basic YTpi").send().await)
+            .await;
     basic.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
     // /health and / are public.
     assert_eq!(Reply::from(server.request(Method::GET, "/health", None).send().await).await.status, StatusCode::OK);
@@ -85,7 +84,10 @@ async fn admin_endpoints_manage_users_and_tokens() {
     let created = server.post("/api/v1/users", &admin, json!({"user_id": "alice"})).await;
     assert_eq!(created.status, StatusCode::CREATED);
     assert_eq!(created.body["role"], "user");
-    server.post("/api/v1/users", &admin, json!({"user_id": "alice"})).await.assert_error(StatusCode::CONFLICT, "conflict");
+    server
+        .post("/api/v1/users", &admin, json!({"user_id": "alice"}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "conflict");
     server
         .post("/api/v1/users", &admin, json!({"user_id": "bad name"}))
         .await
@@ -130,8 +132,14 @@ async fn admin_endpoints_manage_users_and_tokens() {
 
     // Users cannot use admin endpoints.
     server.get("/api/v1/users", &secret).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
-    server.post("/api/v1/users", &secret, json!({"user_id": "eve"})).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
-    server.post("/api/v1/users/alice/tokens", &secret, json!({})).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
+    server
+        .post("/api/v1/users", &secret, json!({"user_id": "eve"}))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    server
+        .post("/api/v1/users/alice/tokens", &secret, json!({}))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
     server.delete("/api/v1/users/admin", &secret).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
     server.get("/api/v1/users/admin", &secret).await.assert_error(StatusCode::NOT_FOUND, "not_found");
 
@@ -200,11 +208,11 @@ async fn configured_admin_token_rotates() {
 
 #[tokio::test]
 async fn header_mode_trusts_only_configured_proxies() {
-    let trusted = ServerConfig::default().yaml("auth:\n  mode: header\n  trusted_proxies: [127.0.0.1]\n  admin_users: [boss]\n");
+    let trusted =
+        ServerConfig::default().yaml("auth:\n  mode: header\n  trusted_proxies: [127.0.0.1]\n  admin_users: [boss]\n");
     let server = TestServer::start_with(trusted).await;
-    let as_user = |name: &'static str| {
-        server.request(Method::GET, "/api/v1/me", None).header("x-forwarded-user", name).send()
-    };
+    let as_user =
+        |name: &'static str| server.request(Method::GET, "/api/v1/me", None).header("x-forwarded-user", name).send();
     let alice = Reply::from(as_user("alice").await).await;
     assert_eq!(alice.status, StatusCode::OK, "{alice:?}");
     assert_eq!(alice.body["user_id"], "alice");

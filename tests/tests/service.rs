@@ -100,7 +100,9 @@ fn run_cli(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path) -> (i32, 
 fn bad_configuration_stops_the_start_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.yaml");
-    let cases: [(&str, &[(&str, &str)], &[&str]); 7] = [
+    // (config file, environment, words the error must contain)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 7] = [
         ("api:\n  prot: 1\n", &[], &["prot"]),
         ("session:\n  storage: mongo\n", &[], &["session.storage", "mongo", "sqlite", "postgresql"]),
         ("api:\n  port: 99999\n", &[], &["api.port"]),
@@ -111,7 +113,8 @@ fn bad_configuration_stops_the_start_naming_the_key() {
     ];
     for (yaml, env, needles) in cases {
         std::fs::write(&config, yaml).expect("write");
-        let (code, _, stderr) = run_cli(&["--config", config.to_str().expect("utf-8"), "check-config"], env, dir.path());
+        let (code, _, stderr) =
+            run_cli(&["--config", config.to_str().expect("utf-8"), "check-config"], env, dir.path());
         assert_eq!(code, 2, "{yaml:?} {env:?}: {stderr}");
         for needle in needles {
             assert!(stderr.contains(needle), "{yaml:?} {env:?}: {needle:?} not in {stderr}");
@@ -194,10 +197,8 @@ async fn health_is_503_while_postgres_refuses_connections_and_recovers() {
     assert_eq!(health().await.status, StatusCode::OK);
 
     postgres_exec(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false")).await;
-    postgres_exec(&format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
-    ))
-    .await;
+    postgres_exec(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"))
+        .await;
     let down = health().await;
     assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE, "{down:?}");
     assert_eq!(down.body["status"], "unhealthy");

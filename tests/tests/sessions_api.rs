@@ -131,6 +131,8 @@ async fn invalid_options_are_422_naming_the_field() {
         (json!({"mcp_servers": {"x": 1}}), "mcp_servers"),
         (json!({"metadata": [1, 2]}), "metadata"),
         (json!({"model": "has space"}), "model"),
+        (json!({"metadata": {"k": "nul\u{0}byte"}}), "metadata"),
+        (json!({"mcp_servers": {"x": {"command": "a\u{0}"}}}), "mcp_servers"),
         (json!({"nmae": "typo"}), "nmae"),
     ];
     for (body, field) in cases {
@@ -220,11 +222,13 @@ async fn malformed_bodies_are_clear_4xx() {
     let invalid_json = integration_tests::Reply::from(raw(b"{\"user_id\": ", "application/json").await).await;
     invalid_json.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
     assert_eq!(invalid_json.body["detail"][0]["type"], "json_invalid");
-    let invalid_utf8 = integration_tests::Reply::from(raw(b"{\"subdir\": \"\xff\xfe\"}", "application/json").await).await;
+    let invalid_utf8 =
+        integration_tests::Reply::from(raw(b"{\"subdir\": \"\xff\xfe\"}", "application/json").await).await;
     invalid_utf8.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
     let not_object = integration_tests::Reply::from(raw(b"[1,2]", "application/json").await).await;
     not_object.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
-    let wrong_type = integration_tests::Reply::from(raw(b"user_id=alice", "application/x-www-form-urlencoded").await).await;
+    let wrong_type =
+        integration_tests::Reply::from(raw(b"user_id=alice", "application/x-www-form-urlencoded").await).await;
     wrong_type.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
     let nested = "[".repeat(10_000) + &"]".repeat(10_000);
     let deep = integration_tests::Reply::from(
@@ -299,7 +303,8 @@ async fn listing_paginates_with_cursors() {
 
 #[tokio::test]
 async fn session_limits_answer_429_and_503_not_500() {
-    let config = ServerConfig::default().env("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", "2").env("CLAUDE_AGENT_MAX_SESSIONS", "3");
+    let config =
+        ServerConfig::default().env("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", "2").env("CLAUDE_AGENT_MAX_SESSIONS", "3");
     let server = TestServer::start_with(config).await;
     let alice = server.user_with_token("alice").await;
     let bob = server.user_with_token("bob").await;
@@ -321,8 +326,7 @@ async fn session_limits_answer_429_and_503_not_500() {
 async fn concurrent_creates_respect_the_per_user_limit() {
     let server = TestServer::start_with(ServerConfig::default().env("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", "3")).await;
     let alice = server.user_with_token("alice").await;
-    let replies =
-        futures::future::join_all((0..12).map(|_| server.post("/api/v1/sessions", &alice, json!({})))).await;
+    let replies = futures::future::join_all((0..12).map(|_| server.post("/api/v1/sessions", &alice, json!({})))).await;
     let created = replies.iter().filter(|r| r.status == StatusCode::CREATED).count();
     let refused = replies.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).count();
     assert_eq!((created, refused), (3, 9));

@@ -97,7 +97,10 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         return CorsLayer::new();
     }
     if origins.iter().any(|o| o == "*") {
-        return CorsLayer::new().allow_origin(AllowOrigin::any()).allow_methods(methods).allow_headers(tower_http::cors::Any);
+        return CorsLayer::new()
+            .allow_origin(AllowOrigin::any())
+            .allow_methods(methods)
+            .allow_headers(tower_http::cors::Any);
     }
     let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
     CorsLayer::new()

@@ -22,7 +22,9 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::config::{PERMISSION_MODES, SessionDefaults};
-use crate::store::{self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User};
+use crate::store::{
+    self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User,
+};
 use crate::userdir::UserDirError;
 
 /// Largest `max_turns` a session may ask for.
@@ -91,6 +93,16 @@ fn check_tools(field: &str, tools: &Option<Vec<String>>, errors: &mut Vec<FieldE
     }
 }
 
+/// Whether any key or string inside `value` holds a NUL character.
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
 impl Validate for CreateSessionRequest {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
@@ -103,7 +115,11 @@ impl Validate for CreateSessionRequest {
         if let Some(turns) = self.max_turns
             && !(1..=MAX_TURNS_LIMIT).contains(&turns)
         {
-            errors.push(FieldError::body("max_turns", format!("must be between 1 and {MAX_TURNS_LIMIT}"), turns.into()));
+            errors.push(FieldError::body(
+                "max_turns",
+                format!("must be between 1 and {MAX_TURNS_LIMIT}"),
+                turns.into(),
+            ));
         }
         if let Some(budget) = self.max_budget_usd
             && !(budget > 0.0 && budget <= MAX_BUDGET_LIMIT)
@@ -141,6 +157,17 @@ impl Validate for CreateSessionRequest {
         {
             let msg = format!("must be at most {MAX_METADATA_BYTES} bytes as JSON");
             errors.push(FieldError::body("metadata", msg, Value::Null));
+        }
+        // PostgreSQL cannot store NUL in text or JSON; no CLI option needs one.
+        let json_fields = [
+            ("metadata", self.metadata.as_ref().map(|m| Value::Object(m.clone()))),
+            ("mcp_servers", self.mcp_servers.as_ref().map(|m| Value::Object(m.clone()))),
+            ("plugins", self.plugins.as_ref().map(|p| Value::Array(p.clone()))),
+        ];
+        for (field, value) in json_fields {
+            if value.as_ref().is_some_and(contains_nul) {
+                errors.push(FieldError::body(field, "must not contain NUL characters", Value::Null));
+            }
         }
         errors
     }
@@ -223,9 +250,11 @@ async fn ensure_user(state: &AppState, user_id: &str) -> Result<User, ApiError> 
     let user = User { user_id: user_id.to_owned(), role: Role::User, created_at: store::now(), uid: None };
     match state.store.create_user(&user).await {
         Ok(()) => Ok(user),
-        Err(store::StoreError::Conflict(_)) => state.store.get_user(user_id).await?.ok_or_else(|| {
-            ApiError::Internal(format!("user {user_id} vanished while being created"))
-        }),
+        Err(store::StoreError::Conflict(_)) => state
+            .store
+            .get_user(user_id)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("user {user_id} vanished while being created"))),
         Err(e) => Err(e.into()),
     }
 }

@@ -187,7 +187,11 @@ impl Validate for CreateTokenRequest {
         if let Some(days) = self.expires_in_days
             && !(1..=MAX_TOKEN_DAYS).contains(&days)
         {
-            errors.push(FieldError::body("expires_in_days", format!("must be between 1 and {MAX_TOKEN_DAYS}"), days.into()));
+            errors.push(FieldError::body(
+                "expires_in_days",
+                format!("must be between 1 and {MAX_TOKEN_DAYS}"),
+                days.into(),
+            ));
         }
         errors
     }

@@ -45,6 +45,9 @@ impl Store for MemoryStore {
             if s.users.contains_key(&user.user_id) {
                 return Err(StoreError::Conflict(format!("user {}", user.user_id)));
             }
+            if user.uid.is_some() && s.users.values().any(|u| u.uid == user.uid) {
+                return Err(StoreError::Conflict(format!("uid of user {}", user.user_id)));
+            }
             s.users.insert(user.user_id.clone(), user.clone());
             Ok(())
         })?
@@ -80,6 +83,10 @@ impl Store for MemoryStore {
             if s.tokens.values().any(|t| t.token_hash == token.token_hash) || s.tokens.contains_key(&token.token_id) {
                 return Err(StoreError::Conflict("token".into()));
             }
+            // The SQL backends' foreign key.
+            if !s.users.contains_key(&token.user_id) {
+                return Err(StoreError::Internal(format!("token for unknown user {}", token.user_id)));
+            }
             s.tokens.insert(token.token_id.clone(), token.clone());
             Ok(())
         })?
@@ -87,10 +94,8 @@ impl Store for MemoryStore {
 
     async fn authenticate_token(&self, token_hash: &str, at: DateTime<Utc>) -> StoreResult<Option<(ApiToken, User)>> {
         self.with(|s| {
-            let token = s
-                .tokens
-                .values_mut()
-                .find(|t| t.token_hash == token_hash && t.expires_at.is_none_or(|e| e > at))?;
+            let token =
+                s.tokens.values_mut().find(|t| t.token_hash == token_hash && t.expires_at.is_none_or(|e| e > at))?;
             token.last_used_at = Some(at);
             let token = token.clone();
             let user = s.users.get(&token.user_id)?.clone();
@@ -139,18 +144,18 @@ impl Store for MemoryStore {
     async fn list_sessions(&self, query: &SessionQuery) -> StoreResult<Vec<Session>> {
         let statuses = query.effective_statuses();
         self.with(|s| {
-            let mut found: Vec<Session> = s
-                .sessions
-                .values()
-                .filter(|x| query.user_id.as_ref().is_none_or(|u| &x.user_id == u))
-                .filter(|x| statuses.contains(&x.status))
-                .filter(|x| {
-                    query.after.as_ref().is_none_or(|c| {
-                        (x.created_at, x.session_id.as_str()) < (c.created_at, c.session_id.as_str())
+            let mut found: Vec<Session> =
+                s.sessions
+                    .values()
+                    .filter(|x| query.user_id.as_ref().is_none_or(|u| &x.user_id == u))
+                    .filter(|x| statuses.contains(&x.status))
+                    .filter(|x| {
+                        query.after.as_ref().is_none_or(|c| {
+                            (x.created_at, x.session_id.as_str()) < (c.created_at, c.session_id.as_str())
+                        })
                     })
-                })
-                .cloned()
-                .collect();
+                    .cloned()
+                    .collect();
             // Newest first, ties broken by id, like the SQL backends.
             found.sort_by(|a, b| (b.created_at, &b.session_id).cmp(&(a.created_at, &a.session_id)));
             found.truncate(query.limit as usize);
@@ -160,14 +165,16 @@ impl Store for MemoryStore {
 
     async fn count_sessions(&self, user_id: Option<&str>, status: SessionStatus) -> StoreResult<u64> {
         self.with(|s| {
-            s.sessions
-                .values()
-                .filter(|x| x.status == status && user_id.is_none_or(|u| x.user_id == u))
-                .count() as u64
+            s.sessions.values().filter(|x| x.status == status && user_id.is_none_or(|u| x.user_id == u)).count() as u64
         })
     }
 
-    async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>) -> StoreResult<bool> {
+    async fn set_session_status(
+        &self,
+        session_id: &str,
+        status: SessionStatus,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
         self.with(|s| match s.sessions.get_mut(session_id) {
             Some(session) if session.status != SessionStatus::Deleted => {
                 session.status = status;

@@ -281,7 +281,8 @@ pub trait Store: Send + Sync + 'static {
     async fn count_sessions(&self, user_id: Option<&str>, status: SessionStatus) -> StoreResult<u64>;
     /// Moves a session to `status` unless it is deleted; false if absent or
     /// deleted.
-    async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>) -> StoreResult<bool>;
+    async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>)
+    -> StoreResult<bool>;
     /// Records activity: `last_active_at = at`, `message_count += messages`.
     async fn touch_session(&self, session_id: &str, at: DateTime<Utc>, messages: i64) -> StoreResult<bool>;
     /// Marks active sessions idle since before `cutoff` as expired; returns

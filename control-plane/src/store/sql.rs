@@ -170,14 +170,19 @@ macro_rules! impl_sql_store {
             async fn delete_user(&self, user_id: &str) -> $crate::store::StoreResult<bool> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query("DELETE FROM api_tokens WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                let deleted =
+                    sqlx::query("DELETE FROM users WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                if deleted.rows_affected() == 0 {
+                    // Unknown user: change nothing, like the memory store.
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
                 sqlx::query("UPDATE sessions SET status = 'deleted' WHERE user_id = $1")
                     .bind(user_id)
                     .execute(&mut *tx)
                     .await?;
-                let deleted =
-                    sqlx::query("DELETE FROM users WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
                 tx.commit().await?;
-                Ok(deleted.rows_affected() > 0)
+                Ok(true)
             }
 
             async fn create_token(&self, token: &$crate::store::ApiToken) -> $crate::store::StoreResult<()> {

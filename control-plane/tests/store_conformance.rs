@@ -1,0 +1,991 @@
+//! Conformance suite for the [`Store`] trait: the same cases run against the
+//! memory store, SQLite (a fresh file in a temporary directory) and
+//! PostgreSQL (a fresh schema, dropped afterwards).
+//!
+//! Every case is a plain `async fn(&dyn Store)` in [`cases`]; the
+//! `conformance!` macro stamps one `#[tokio::test]` per case into the
+//! `memory`, `sqlite` and `postgres` modules, so a failure names both the
+//! backend and the case (`postgres::list_sessions_pagination`).
+//!
+//! PostgreSQL must be reachable at `postgres://postgres@127.0.0.1:5432/test`
+//! (or at `$STORE_CONFORMANCE_PG_URL`): when it is not, the PostgreSQL tests
+//! fail, they are never skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
+use control_plane::config::{Secret, StorageKind, StoreLocation};
+use control_plane::store::{
+    self, ApiToken, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, Store, StoreError,
+    StoreResult, UsageTotals, User,
+};
+use serde_json::{Map, Value, json};
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const POSTGRES_URL_ENV: &str = "STORE_CONFORMANCE_PG_URL";
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+/// An open store plus what must outlive it (the SQLite directory) or be
+/// cleaned up after it (the PostgreSQL schema).
+struct Harness {
+    store: Option<Arc<dyn Store>>,
+    _dir: Option<tempfile::TempDir>,
+    pg_schema: Option<(String, String)>,
+}
+
+fn postgres_url() -> (String, String) {
+    match std::env::var(POSTGRES_URL_ENV) {
+        // Never echo a URL that may carry a password.
+        Ok(url) if !url.is_empty() => (url, format!("${POSTGRES_URL_ENV}")),
+        _ => (DEFAULT_POSTGRES_URL.to_owned(), DEFAULT_POSTGRES_URL.to_owned()),
+    }
+}
+
+impl Harness {
+    async fn open(backend: Backend) -> Self {
+        let (location, dir, pg_schema, kind) = match backend {
+            Backend::Memory => (StoreLocation::Memory, None, None, StorageKind::Memory),
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("create a temporary directory for SQLite");
+                let location = StoreLocation::Sqlite(dir.path().join("store.db"));
+                (location, Some(dir), None, StorageKind::Sqlite)
+            }
+            Backend::Postgres => {
+                let (url, _) = postgres_url();
+                let schema = format!("conf_{}", uuid::Uuid::new_v4().simple());
+                let location = StoreLocation::Postgres {
+                    url: Secret::new(url.clone()),
+                    schema: Some(schema.clone()),
+                    max_connections: 4,
+                };
+                (location, None, Some((url, schema)), StorageKind::Postgresql)
+            }
+        };
+        let opened = tokio::time::timeout(Duration::from_secs(30), store::open(&location)).await;
+        let store = match (opened, backend) {
+            (Ok(Ok(store)), _) => store,
+            (Ok(Err(error)), Backend::Postgres) => panic!(
+                "PostgreSQL is required by the store conformance tests and could not be opened at {}: {error} \
+                 (start it with trust auth for user `postgres`, or point ${POSTGRES_URL_ENV} at one)",
+                postgres_url().1
+            ),
+            (Err(_), Backend::Postgres) => panic!(
+                "PostgreSQL is required by the store conformance tests and did not answer within 30s at {}",
+                postgres_url().1
+            ),
+            (Ok(Err(error)), _) => panic!("cannot open the {backend:?} store: {error}"),
+            (Err(_), _) => panic!("opening the {backend:?} store took longer than 30s"),
+        };
+        assert_eq!(store.kind(), kind, "store::open returned the wrong backend");
+        Self { store: Some(store), _dir: dir, pg_schema }
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(self.store.as_ref().expect("store already released"))
+    }
+
+    /// Releases the store, drops the PostgreSQL schema (best effort) and
+    /// re-raises the case's panic, if any.
+    async fn finish(mut self, outcome: Result<(), tokio::task::JoinError>) {
+        drop(self.store.take());
+        if let Some((url, schema)) = self.pg_schema.take() {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).execute(&mut conn).await;
+                let _ = conn.close().await;
+            }
+        }
+        match outcome {
+            Ok(()) => {}
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => panic!("conformance case did not complete: {error}"),
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),+ $(,)?) => {
+        conformance!(@backend memory, crate::Backend::Memory, $($case),+);
+        conformance!(@backend sqlite, crate::Backend::Sqlite, $($case),+);
+        conformance!(@backend postgres, crate::Backend::Postgres, $($case),+);
+    };
+    (@backend $module:ident, $backend:expr, $($case:ident),+) => {
+        mod $module {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let harness = crate::Harness::open($backend).await;
+                    let store = harness.store();
+                    let outcome = tokio::spawn(async move { crate::cases::$case(&*store).await }).await;
+                    harness.finish(outcome).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    ping,
+    users_create_get_list_count,
+    duplicate_user_conflicts,
+    concurrent_duplicate_users_conflict,
+    delete_user_removes_tokens_and_deletes_sessions,
+    token_authenticate_records_use,
+    token_expiry,
+    unknown_token_hash,
+    duplicate_token_conflicts,
+    tokens_list_get_delete,
+    delete_tokens_by_label,
+    session_roundtrip,
+    duplicate_session_conflicts,
+    list_sessions_filters,
+    list_sessions_pagination,
+    count_sessions,
+    set_session_status,
+    touch_session,
+    concurrent_touches_are_atomic,
+    expire_idle_sessions,
+);
+
+// ---------------------------------------------------------------------------
+// Fixtures and helpers
+// ---------------------------------------------------------------------------
+
+/// A whole second near the present: offsets from it produce timestamps with
+/// no, millisecond and microsecond fractions in the same second.
+fn base() -> DateTime<Utc> {
+    store::now().trunc_subsecs(0)
+}
+
+fn micros(n: i64) -> TimeDelta {
+    TimeDelta::microseconds(n)
+}
+
+fn user(user_id: &str, role: Role, created_at: DateTime<Utc>, uid: Option<i64>) -> User {
+    User { user_id: user_id.to_owned(), role, created_at, uid }
+}
+
+fn token(token_id: &str, user_id: &str, hash: &str, label: Option<&str>, created_at: DateTime<Utc>) -> ApiToken {
+    ApiToken {
+        token_id: token_id.to_owned(),
+        user_id: user_id.to_owned(),
+        token_hash: hash.to_owned(),
+        label: label.map(str::to_owned),
+        created_at,
+        expires_at: None,
+        last_used_at: None,
+    }
+}
+
+fn session(session_id: &str, user_id: &str, created_at: DateTime<Utc>, status: SessionStatus) -> Session {
+    Session {
+        session_id: session_id.to_owned(),
+        user_id: user_id.to_owned(),
+        subdir: None,
+        cwd: format!("/srv/users/{user_id}"),
+        options: SessionOptions::default(),
+        metadata: Map::new(),
+        status,
+        created_at,
+        last_active_at: created_at,
+        message_count: 0,
+        cli_session_id: None,
+        usage: UsageTotals::default(),
+    }
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("expected a JSON object, got {other}"),
+    }
+}
+
+fn query(user_id: Option<&str>, statuses: &[SessionStatus], limit: u32) -> SessionQuery {
+    SessionQuery { user_id: user_id.map(str::to_owned), statuses: statuses.to_vec(), after: None, limit }
+}
+
+fn cursor_of(session: &Session) -> SessionCursor {
+    SessionCursor { created_at: session.created_at, session_id: session.session_id.clone() }
+}
+
+fn ids(sessions: &[Session]) -> Vec<&str> {
+    sessions.iter().map(|s| s.session_id.as_str()).collect()
+}
+
+fn token_ids(tokens: &[ApiToken]) -> Vec<&str> {
+    tokens.iter().map(|t| t.token_id.as_str()).collect()
+}
+
+#[track_caller]
+fn assert_conflict<T: std::fmt::Debug>(result: StoreResult<T>, what: &str) {
+    match result {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("{what}: expected StoreError::Conflict, got {other:?}"),
+    }
+}
+
+async fn create_users(store: &dyn Store, users: &[&str]) {
+    for id in users {
+        store.create_user(&user(id, Role::User, store::now(), None)).await.expect("create user");
+    }
+}
+
+async fn create_sessions(store: &dyn Store, sessions: &[Session]) {
+    for s in sessions {
+        store.create_session(s).await.unwrap_or_else(|e| panic!("create session {}: {e}", s.session_id));
+    }
+}
+
+async fn get_session(store: &dyn Store, session_id: &str) -> Session {
+    store
+        .get_session(session_id)
+        .await
+        .expect("get session")
+        .unwrap_or_else(|| panic!("session {session_id} should exist"))
+}
+
+/// The reference ordering: newest first by `(created_at, session_id)`.
+fn newest_first(mut sessions: Vec<Session>) -> Vec<Session> {
+    sessions.sort_by(|a, b| (b.created_at, &b.session_id).cmp(&(a.created_at, &a.session_id)));
+    sessions
+}
+
+/// Follows `after` cursors page by page until an empty page.
+async fn walk_pages(store: &dyn Store, user_id: Option<&str>, statuses: &[SessionStatus], limit: u32) -> Vec<Session> {
+    let mut all = Vec::new();
+    let mut after = None;
+    for _ in 0..1000 {
+        let page = store
+            .list_sessions(&SessionQuery {
+                user_id: user_id.map(str::to_owned),
+                statuses: statuses.to_vec(),
+                after: after.clone(),
+                limit,
+            })
+            .await
+            .expect("list sessions page");
+        assert!(page.len() <= limit as usize, "page of {} rows exceeds limit {limit}", page.len());
+        let Some(last) = page.last() else {
+            return all;
+        };
+        after = Some(cursor_of(last));
+        all.extend(page);
+    }
+    panic!("pagination did not terminate (user {user_id:?}, statuses {statuses:?}, limit {limit})");
+}
+
+// ---------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------
+
+mod cases {
+    use super::*;
+
+    pub async fn ping(store: &dyn Store) {
+        store.ping().await.expect("ping");
+        store.ping().await.expect("second ping");
+    }
+
+    pub async fn users_create_get_list_count(store: &dyn Store) {
+        assert_eq!(store.count_users().await.expect("count"), 0);
+        assert!(store.list_users().await.expect("list").is_empty());
+        assert_eq!(store.get_user("alice").await.expect("get"), None);
+
+        let t = base();
+        let carol = user("carol", Role::User, t, None);
+        let alice_underscore = user("alice_2", Role::User, t + micros(1), Some(2002));
+        let bob = user("Bob", Role::User, t - TimeDelta::days(400), Some(i64::from(u32::MAX)));
+        let alice = user("alice", Role::Admin, t + micros(123_456), Some(1001));
+        let alice_dash = user("alice-2", Role::Admin, t + TimeDelta::milliseconds(5), Some(0));
+        for u in [&carol, &alice_underscore, &bob, &alice, &alice_dash] {
+            store.create_user(u).await.unwrap_or_else(|e| panic!("create {}: {e}", u.user_id));
+        }
+
+        for u in [&carol, &alice_underscore, &bob, &alice, &alice_dash] {
+            assert_eq!(store.get_user(&u.user_id).await.expect("get").as_ref(), Some(u));
+        }
+        // Ids are case-sensitive.
+        assert_eq!(store.get_user("ALICE").await.expect("get"), None);
+        assert_eq!(store.get_user("bob").await.expect("get"), None);
+
+        // Ordered by user_id, bytewise.
+        let listed = store.list_users().await.expect("list");
+        assert_eq!(listed, vec![bob, alice, alice_dash, alice_underscore, carol]);
+        assert_eq!(store.count_users().await.expect("count"), 5);
+    }
+
+    pub async fn duplicate_user_conflicts(store: &dyn Store) {
+        let alice = user("alice", Role::User, store::now(), Some(5000));
+        store.create_user(&alice).await.expect("create");
+        let again = user("alice", Role::Admin, store::now() + TimeDelta::seconds(1), Some(5001));
+        assert_conflict(store.create_user(&again).await, "second user with the same id");
+        assert_eq!(store.get_user("alice").await.expect("get"), Some(alice.clone()));
+        assert_eq!(store.count_users().await.expect("count"), 1);
+        assert_eq!(store.list_users().await.expect("list"), vec![alice]);
+    }
+
+    pub async fn concurrent_duplicate_users_conflict(store: &dyn Store) {
+        let attempts: Vec<_> = (0..8_i64)
+            .map(|i| async move {
+                let u = user("racer", if i % 2 == 0 { Role::User } else { Role::Admin }, store::now(), None);
+                store.create_user(&u).await
+            })
+            .collect();
+        let results = futures::future::join_all(attempts).await;
+        let created = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(created, 1, "exactly one concurrent create must win: {results:?}");
+        for result in results.into_iter().filter(Result::is_err) {
+            assert_conflict(result, "losing concurrent create");
+        }
+        assert_eq!(store.count_users().await.expect("count"), 1);
+    }
+
+    pub async fn delete_user_removes_tokens_and_deletes_sessions(store: &dyn Store) {
+        let t = base();
+        let alice = user("alice", Role::User, t, None);
+        let bob = user("bob", Role::Admin, t, None);
+        store.create_user(&alice).await.expect("create alice");
+        store.create_user(&bob).await.expect("create bob");
+
+        let ta1 = token("ta1", "alice", "hash-a1", None, t);
+        let ta2 = token("ta2", "alice", "hash-a2", Some("cli"), t + micros(1));
+        let tb1 = token("tb1", "bob", "hash-b1", Some("cli"), t);
+        for tok in [&ta1, &ta2, &tb1] {
+            store.create_token(tok).await.expect("create token");
+        }
+
+        let mut sa1 = session("sa1", "alice", t, SessionStatus::Active);
+        sa1.message_count = 4;
+        sa1.usage.input_tokens = 10;
+        let sa2 = session("sa2", "alice", t + micros(1), SessionStatus::Expired);
+        let sa3 = session("sa3", "alice", t + micros(2), SessionStatus::Deleted);
+        let sb1 = session("sb1", "bob", t, SessionStatus::Active);
+        create_sessions(store, &[sa1.clone(), sa2.clone(), sa3.clone(), sb1.clone()]).await;
+
+        assert!(store.delete_user("alice").await.expect("delete alice"));
+
+        assert_eq!(store.get_user("alice").await.expect("get"), None);
+        assert_eq!(store.list_users().await.expect("list"), vec![bob.clone()]);
+        assert_eq!(store.count_users().await.expect("count"), 1);
+
+        assert!(store.list_tokens("alice").await.expect("list tokens").is_empty());
+        assert_eq!(store.get_token("ta1").await.expect("get token"), None);
+        assert_eq!(store.get_token("ta2").await.expect("get token"), None);
+        assert!(store.authenticate_token("hash-a1", t).await.expect("auth").is_none());
+        assert!(store.authenticate_token("hash-a2", t).await.expect("auth").is_none());
+
+        // Sessions outlive their user, marked deleted, otherwise untouched.
+        for s in [&sa1, &sa2, &sa3] {
+            let expected = Session { status: SessionStatus::Deleted, ..s.clone() };
+            assert_eq!(get_session(store, &s.session_id).await, expected);
+        }
+        assert_eq!(store.count_sessions(Some("alice"), SessionStatus::Deleted).await.expect("count"), 3);
+        assert_eq!(store.count_sessions(Some("alice"), SessionStatus::Active).await.expect("count"), 0);
+        assert_eq!(store.count_sessions(Some("alice"), SessionStatus::Expired).await.expect("count"), 0);
+        assert!(store.list_sessions(&query(Some("alice"), &[], 100)).await.expect("list").is_empty());
+
+        // Bob is untouched.
+        assert_eq!(store.list_tokens("bob").await.expect("list tokens"), vec![tb1]);
+        assert_eq!(get_session(store, "sb1").await, sb1);
+        let (_, who) = store.authenticate_token("hash-b1", t).await.expect("auth").expect("bob still authenticates");
+        assert_eq!(who, bob);
+
+        assert!(!store.delete_user("alice").await.expect("delete again"));
+        assert!(!store.delete_user("nobody").await.expect("delete unknown"));
+
+        // The id can be reused; the old sessions stay deleted and the old
+        // tokens stay gone.
+        let alice_again = user("alice", Role::Admin, t + TimeDelta::seconds(1), None);
+        store.create_user(&alice_again).await.expect("recreate alice");
+        assert!(store.list_tokens("alice").await.expect("list tokens").is_empty());
+        assert!(store.authenticate_token("hash-a1", t).await.expect("auth").is_none());
+        assert_eq!(get_session(store, "sa1").await.status, SessionStatus::Deleted);
+        assert!(store.list_sessions(&query(Some("alice"), &[], 100)).await.expect("list").is_empty());
+    }
+
+    pub async fn token_authenticate_records_use(store: &dyn Store) {
+        let t = base();
+        let alice = user("alice", Role::Admin, t, Some(42));
+        store.create_user(&alice).await.expect("create user");
+        let tok = token("tok-1", "alice", "hash-1", Some("laptop"), t);
+        store.create_token(&tok).await.expect("create token");
+        assert_eq!(store.get_token("tok-1").await.expect("get"), Some(tok.clone()));
+
+        let at = t + TimeDelta::seconds(5) + micros(250);
+        let (got, who) = store.authenticate_token("hash-1", at).await.expect("auth").expect("live token");
+        assert_eq!(who, alice);
+        assert_eq!(got, ApiToken { last_used_at: Some(at), ..tok.clone() });
+        assert_eq!(store.get_token("tok-1").await.expect("get"), Some(got.clone()));
+
+        // A use more than a minute later is recorded exactly.
+        let later = at + TimeDelta::seconds(61) + micros(1);
+        let (got, _) = store.authenticate_token("hash-1", later).await.expect("auth").expect("live token");
+        assert_eq!(got.last_used_at, Some(later));
+        assert_eq!(store.get_token("tok-1").await.expect("get"), Some(got));
+
+        // A use within the minute may be recorded lazily (SQL backends keep
+        // the older value), but what is returned and what is stored agree.
+        let soon = later + TimeDelta::seconds(10);
+        let (got, _) = store.authenticate_token("hash-1", soon).await.expect("auth").expect("live token");
+        assert!(
+            got.last_used_at == Some(later) || got.last_used_at == Some(soon),
+            "last_used_at {:?} is neither the previous use {later} nor this one {soon}",
+            got.last_used_at
+        );
+        assert_eq!(store.get_token("tok-1").await.expect("get"), Some(got.clone()));
+        assert_eq!(ApiToken { last_used_at: None, ..got }, tok);
+
+        // A token with a future expiry works; its expiry is returned intact.
+        let expires = t + TimeDelta::hours(1) + micros(7);
+        let tok2 = ApiToken { expires_at: Some(expires), ..token("tok-2", "alice", "hash-2", None, t) };
+        store.create_token(&tok2).await.expect("create token");
+        let (got, _) = store.authenticate_token("hash-2", at).await.expect("auth").expect("unexpired token");
+        assert_eq!(got, ApiToken { last_used_at: Some(at), ..tok2 });
+    }
+
+    pub async fn token_expiry(store: &dyn Store) {
+        let now = store::now();
+        create_users(store, &["alice"]).await;
+
+        let past = ApiToken {
+            expires_at: Some(now - TimeDelta::seconds(1)),
+            ..token("past", "alice", "hash-past", None, now - TimeDelta::hours(1))
+        };
+        store.create_token(&past).await.expect("create token");
+        assert!(store.authenticate_token("hash-past", now).await.expect("auth").is_none());
+        // A refused token is not marked as used.
+        assert_eq!(store.get_token("past").await.expect("get"), Some(past));
+
+        // Expiry is exclusive: a token is dead at its expires_at instant.
+        let at = now + TimeDelta::minutes(3);
+        let edge = ApiToken { expires_at: Some(at), ..token("edge", "alice", "hash-edge", None, now) };
+        store.create_token(&edge).await.expect("create token");
+        assert!(store.authenticate_token("hash-edge", at).await.expect("auth").is_none());
+        assert!(store.authenticate_token("hash-edge", at + micros(1)).await.expect("auth").is_none());
+        let (got, _) = store
+            .authenticate_token("hash-edge", at - micros(1))
+            .await
+            .expect("auth")
+            .expect("token is live one microsecond before its expiry");
+        assert_eq!(got.last_used_at, Some(at - micros(1)));
+    }
+
+    pub async fn unknown_token_hash(store: &dyn Store) {
+        let now = store::now();
+        create_users(store, &["alice"]).await;
+        store.create_token(&token("tok-1", "alice", "hash-1", None, now)).await.expect("create token");
+
+        for hash in ["no-such-hash", "hash", "hash-10", "HASH-1", ""] {
+            assert!(store.authenticate_token(hash, now).await.expect("auth").is_none(), "hash {hash:?} matched");
+        }
+        // The token id is not a credential.
+        assert!(store.authenticate_token("tok-1", now).await.expect("auth").is_none());
+        assert_eq!(store.get_token("nope").await.expect("get"), None);
+        assert_eq!(store.get_token("tok-1").await.expect("get").expect("token").last_used_at, None);
+    }
+
+    pub async fn duplicate_token_conflicts(store: &dyn Store) {
+        let now = store::now();
+        create_users(store, &["alice", "bob"]).await;
+        let first = token("tok-1", "alice", "hash-1", Some("a"), now);
+        store.create_token(&first).await.expect("create token");
+
+        assert_conflict(
+            store.create_token(&token("tok-2", "alice", "hash-1", Some("b"), now)).await,
+            "same hash, same user",
+        );
+        assert_conflict(store.create_token(&token("tok-3", "bob", "hash-1", None, now)).await, "same hash, other user");
+        assert_conflict(store.create_token(&token("tok-1", "alice", "hash-9", None, now)).await, "same token id");
+
+        assert_eq!(store.list_tokens("alice").await.expect("list"), vec![first.clone()]);
+        assert!(store.list_tokens("bob").await.expect("list").is_empty());
+        assert_eq!(store.get_token("tok-2").await.expect("get"), None);
+        assert!(store.authenticate_token("hash-9", now).await.expect("auth").is_none());
+        let (got, who) = store.authenticate_token("hash-1", now).await.expect("auth").expect("first token");
+        assert_eq!((got.token_id.as_str(), who.user_id.as_str()), ("tok-1", "alice"));
+    }
+
+    pub async fn tokens_list_get_delete(store: &dyn Store) {
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        let tokens = [
+            token("tok-c", "alice", "h-c", Some("ci"), t + TimeDelta::seconds(2)),
+            token("tok-b", "alice", "h-b", None, t),
+            token("tok-x", "bob", "h-x", None, t - TimeDelta::hours(2)),
+            token("tok-e", "alice", "h-e", None, t + TimeDelta::milliseconds(1)),
+            token("tok-a", "alice", "h-a", Some("ci"), t),
+            ApiToken {
+                expires_at: Some(t - TimeDelta::seconds(1)),
+                ..token("tok-d", "alice", "h-d", None, t - TimeDelta::hours(1) + micros(1))
+            },
+            token("tok-f", "alice", "h-f", None, t + micros(1)),
+        ];
+        for tok in &tokens {
+            store.create_token(tok).await.expect("create token");
+        }
+
+        // Oldest first, ties by token id; expired tokens are listed too.
+        let alice_tokens = store.list_tokens("alice").await.expect("list");
+        assert_eq!(token_ids(&alice_tokens), ["tok-d", "tok-a", "tok-b", "tok-f", "tok-e", "tok-c"]);
+        for listed in &alice_tokens {
+            let original = tokens.iter().find(|t| t.token_id == listed.token_id).expect("known token");
+            assert_eq!(listed, original);
+        }
+        assert_eq!(token_ids(&store.list_tokens("bob").await.expect("list")), ["tok-x"]);
+        assert!(store.list_tokens("nobody").await.expect("list").is_empty());
+
+        for tok in &tokens {
+            assert_eq!(store.get_token(&tok.token_id).await.expect("get").as_ref(), Some(tok));
+        }
+
+        assert!(store.delete_token("tok-b").await.expect("delete"));
+        assert!(!store.delete_token("tok-b").await.expect("delete again"));
+        assert!(!store.delete_token("unknown").await.expect("delete unknown"));
+        assert_eq!(store.get_token("tok-b").await.expect("get"), None);
+        assert!(store.authenticate_token("h-b", t).await.expect("auth").is_none());
+        assert_eq!(
+            token_ids(&store.list_tokens("alice").await.expect("list")),
+            ["tok-d", "tok-a", "tok-f", "tok-e", "tok-c"]
+        );
+        assert_eq!(token_ids(&store.list_tokens("bob").await.expect("list")), ["tok-x"]);
+        assert!(store.authenticate_token("h-a", t).await.expect("auth").is_some());
+    }
+
+    pub async fn delete_tokens_by_label(store: &dyn Store) {
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        let tokens = [
+            token("t1", "alice", "h1", Some("admin"), t),
+            token("t2", "alice", "h2", Some("admin"), t + micros(1)),
+            token("t3", "alice", "h3", Some("admin"), t + micros(2)),
+            token("t4", "alice", "h4", Some("other"), t + micros(3)),
+            token("t5", "alice", "h5", None, t + micros(4)),
+            token("t6", "alice", "h6", Some("Admin"), t + micros(5)),
+            token("t7", "bob", "h7", Some("admin"), t + micros(6)),
+        ];
+        for tok in &tokens {
+            store.create_token(tok).await.expect("create token");
+        }
+
+        assert_eq!(store.delete_tokens_by_label("alice", "admin", "t1").await.expect("delete"), 2);
+        assert_eq!(token_ids(&store.list_tokens("alice").await.expect("list")), ["t1", "t4", "t5", "t6"]);
+        assert_eq!(token_ids(&store.list_tokens("bob").await.expect("list")), ["t7"]);
+        assert_eq!(store.get_token("t2").await.expect("get"), None);
+        assert!(store.authenticate_token("h3", t).await.expect("auth").is_none());
+
+        assert_eq!(store.delete_tokens_by_label("alice", "admin", "t1").await.expect("again"), 0);
+        assert_eq!(store.delete_tokens_by_label("alice", "missing", "t1").await.expect("missing"), 0);
+        assert_eq!(store.delete_tokens_by_label("nobody", "admin", "t1").await.expect("nobody"), 0);
+
+        // `keep` naming another user's or no token keeps nothing of alice's.
+        assert_eq!(store.delete_tokens_by_label("alice", "admin", "t7").await.expect("delete"), 1);
+        assert_eq!(token_ids(&store.list_tokens("alice").await.expect("list")), ["t4", "t5", "t6"]);
+        assert_eq!(token_ids(&store.list_tokens("bob").await.expect("list")), ["t7"]);
+    }
+
+    pub async fn session_roundtrip(store: &dyn Store) {
+        let created = store::now();
+        let full = Session {
+            session_id: "0b7c3f0e-5d7a-4c47-9a43-9b7e3c1d2a10".into(),
+            user_id: "alice".into(),
+            subdir: Some("projects/apollo".into()),
+            cwd: "/srv/users/alice/projects/apollo dir/ünïcödé".into(),
+            options: SessionOptions {
+                system_prompt: Some("Be terse.\nSecond line — with \"quotes\", \\backslashes\\ and ✓".into()),
+                permission_mode: Some("acceptEdits".into()),
+                allowed_tools: Some(vec!["Read".into(), "Bash(git:*)".into()]),
+                disallowed_tools: Some(Vec::new()),
+                model: Some("claude-sonnet-4-5".into()),
+                max_turns: Some(12),
+                max_budget_usd: Some(2.75),
+                mcp_servers: Some(object(json!({
+                    "filesystem": {
+                        "command": "npx",
+                        "args": ["-y", "@modelcontextprotocol/server-filesystem", "/tmp"],
+                        "env": {"DEBUG": "1", "EMPTY": ""},
+                    },
+                    "remote": {
+                        "type": "http",
+                        "url": "https://mcp.example.com/v1",
+                        "headers": {"Authorization": "Bearer x"},
+                        "timeout": 30,
+                        "retry": {"attempts": 3, "backoff": 0.5, "on": [502, 503]},
+                    },
+                }))),
+                plugins: Some(vec![json!({"type": "local", "path": "/opt/plugins/a"}), json!("named-plugin")]),
+            },
+            metadata: object(json!({
+                "project": "apollo",
+                "tags": ["a", "b", "ç"],
+                "nested": {"n": 1, "neg": -42, "f": 0.1, "b": true, "z": null, "deep": {"list": [[1, 2], []]}},
+                "big": i64::MAX,
+                "empty": {},
+            })),
+            status: SessionStatus::Active,
+            created_at: created,
+            last_active_at: created + micros(1_234_567),
+            message_count: 7,
+            cli_session_id: Some("cli-5b0a".into()),
+            usage: UsageTotals {
+                input_tokens: 123_456_789_012,
+                output_tokens: 42,
+                cache_read_tokens: 7,
+                cache_creation_tokens: 1,
+                total_cost_usd: 0.123_456_789,
+            },
+        };
+        let minimal = Session {
+            subdir: None,
+            cwd: "/srv/users/bob".into(),
+            ..session("minimal", "bob", created.trunc_subsecs(0) - TimeDelta::seconds(1), SessionStatus::Expired)
+        };
+        let deleted = Session {
+            subdir: Some(String::new()),
+            metadata: object(json!({"k": "v"})),
+            ..session("deleted", "bob", created - TimeDelta::days(3) + micros(999), SessionStatus::Deleted)
+        };
+        create_sessions(store, &[full.clone(), minimal.clone(), deleted.clone()]).await;
+
+        assert_eq!(get_session(store, &full.session_id).await, full);
+        assert_eq!(get_session(store, "minimal").await, minimal);
+        assert_eq!(get_session(store, "deleted").await, deleted);
+        assert_eq!(store.get_session("missing").await.expect("get"), None);
+        assert_eq!(store.get_session("MINIMAL").await.expect("get"), None);
+
+        // Listing returns the same complete values.
+        let listed = store.list_sessions(&query(None, &[], 10)).await.expect("list");
+        assert_eq!(listed, vec![full, minimal]);
+    }
+
+    pub async fn duplicate_session_conflicts(store: &dyn Store) {
+        let now = store::now();
+        let original = Session { message_count: 3, ..session("s-1", "alice", now, SessionStatus::Active) };
+        store.create_session(&original).await.expect("create");
+        let clash = Session { cwd: "/elsewhere".into(), ..session("s-1", "bob", now, SessionStatus::Expired) };
+        assert_conflict(store.create_session(&clash).await, "second session with the same id");
+        assert_eq!(get_session(store, "s-1").await, original);
+        assert_eq!(store.count_sessions(None, SessionStatus::Active).await.expect("count"), 1);
+        assert_eq!(store.count_sessions(None, SessionStatus::Expired).await.expect("count"), 0);
+        assert_eq!(store.count_sessions(Some("bob"), SessionStatus::Expired).await.expect("count"), 0);
+    }
+
+    pub async fn list_sessions_filters(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        let a1 = session("a-1", "alice", t + TimeDelta::seconds(1), Active);
+        let a2 = session("a-2", "alice", t + TimeDelta::seconds(2), Expired);
+        let a3 = session("a-3", "alice", t + TimeDelta::seconds(3), Deleted);
+        let b1 = session("b-1", "bob", t + TimeDelta::seconds(4), Active);
+        let b2 = session("b-2", "bob", t + TimeDelta::seconds(5), Deleted);
+        let b3 = session("b-3", "bob", t, Expired);
+        create_sessions(store, &[a1.clone(), b2, a3, b3, a2.clone(), b1]).await;
+
+        let list = |user: Option<&'static str>, statuses: &'static [SessionStatus], limit: u32| async move {
+            let found = store.list_sessions(&query(user, statuses, limit)).await.expect("list");
+            found.into_iter().map(|s| s.session_id).collect::<Vec<_>>()
+        };
+
+        // Empty statuses: active and expired, never deleted.
+        assert_eq!(list(Some("alice"), &[], 100).await, ["a-2", "a-1"]);
+        assert_eq!(list(Some("alice"), &[Deleted], 100).await, ["a-3"]);
+        assert_eq!(list(Some("alice"), &[Active], 100).await, ["a-1"]);
+        assert_eq!(list(Some("alice"), &[Expired], 100).await, ["a-2"]);
+        assert_eq!(list(Some("alice"), &[Active, Expired, Deleted], 100).await, ["a-3", "a-2", "a-1"]);
+        assert_eq!(list(None, &[], 100).await, ["b-1", "a-2", "a-1", "b-3"]);
+        assert_eq!(list(None, &[Active], 100).await, ["b-1", "a-1"]);
+        assert_eq!(list(None, &[Expired, Deleted], 100).await, ["b-2", "a-3", "a-2", "b-3"]);
+        assert_eq!(list(None, &[Deleted, Active, Expired], 100).await, ["b-2", "b-1", "a-3", "a-2", "a-1", "b-3"]);
+        assert_eq!(list(Some("bob"), &[], 100).await, ["b-1", "b-3"]);
+
+        // Limit.
+        assert_eq!(list(None, &[], 2).await, ["b-1", "a-2"]);
+        assert_eq!(list(None, &[], 1).await, ["b-1"]);
+        assert!(list(None, &[], 0).await.is_empty());
+
+        // Unknown user: nothing (not everyone's).
+        assert!(list(Some("nobody"), &[], 100).await.is_empty());
+        assert!(list(Some(""), &[], 100).await.is_empty());
+
+        // Rows are complete.
+        let found = store.list_sessions(&query(Some("alice"), &[], 100)).await.expect("list");
+        assert_eq!(found, vec![a2, a1]);
+    }
+
+    pub async fn list_sessions_pagination(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        // Offsets in microseconds; several sessions share each instant, and
+        // the instants mix whole seconds, milliseconds and microseconds.
+        let offsets: [i64; 12] = [0, 0, 0, 1, 1, 1_000, 999_999, 1_000_000, -1, -1_000_000, -86_400_000_000, 1_000];
+        let names = ["k", "B", "a", "z9", "a-", "a_", "0", "Z", "m", "kk", "b", "x"];
+        let mut sessions = Vec::new();
+        for (i, offset) in offsets.iter().enumerate() {
+            for (j, user_id) in ["alice", "bob", "alice"].into_iter().enumerate() {
+                let n = i * 3 + j;
+                let status = match n % 5 {
+                    0 => Deleted,
+                    1 => Expired,
+                    _ => Active,
+                };
+                // Ids deliberately not in creation order.
+                let id = format!("{}{}-{}", names[(i * 7 + j * 5) % names.len()], (n * 11) % 37, user_id);
+                sessions.push(session(&id, user_id, t + micros(*offset), status));
+            }
+        }
+        // Create in an order unrelated to both keys.
+        let mut creation = sessions.clone();
+        creation.reverse();
+        creation.rotate_left(5);
+        create_sessions(store, &creation).await;
+
+        let expect = |user_id: Option<&str>, statuses: &[SessionStatus]| {
+            let wanted = if statuses.is_empty() { vec![Active, Expired] } else { statuses.to_vec() };
+            newest_first(
+                sessions
+                    .iter()
+                    .filter(|s| user_id.is_none_or(|u| s.user_id == u) && wanted.contains(&s.status))
+                    .cloned()
+                    .collect(),
+            )
+        };
+
+        let filters: [(Option<&str>, &[SessionStatus]); 5] = [
+            (Some("alice"), &[]),
+            (None, &[]),
+            (None, &[Active]),
+            (Some("bob"), &[Deleted, Expired]),
+            (None, &[Active, Expired, Deleted]),
+        ];
+        for (user_id, statuses) in filters {
+            let expected = expect(user_id, statuses);
+            assert!(expected.len() > 3, "fixture too small for {user_id:?} {statuses:?}");
+            let single = store.list_sessions(&query(user_id, statuses, 1000)).await.expect("list");
+            assert_eq!(ids(&single), ids(&expected), "one page, user {user_id:?}, statuses {statuses:?}");
+            assert_eq!(single, expected);
+            for limit in [1, 2, 3, 4, 7] {
+                let walked = walk_pages(store, user_id, statuses, limit).await;
+                assert_eq!(ids(&walked), ids(&expected), "pages of {limit}, user {user_id:?}, statuses {statuses:?}");
+            }
+        }
+
+        // Cursors need not name an existing session.
+        let everyone = expect(None, &[]);
+        let probes = [
+            (t, "~"),
+            (t, ""),
+            (t, "a"),
+            (t + micros(500), ""),
+            (t + micros(500), "~"),
+            (t + micros(1), "m"),
+            (t + TimeDelta::seconds(10), ""),
+            (t - TimeDelta::days(2), "~"),
+        ];
+        for (created_at, session_id) in probes {
+            let after = SessionCursor { created_at, session_id: session_id.to_owned() };
+            let expected: Vec<&str> = everyone
+                .iter()
+                .filter(|s| (s.created_at, s.session_id.as_str()) < (created_at, session_id))
+                .map(|s| s.session_id.as_str())
+                .collect();
+            let page = store
+                .list_sessions(&SessionQuery { after: Some(after.clone()), ..query(None, &[], 1000) })
+                .await
+                .expect("list after cursor");
+            assert_eq!(ids(&page), expected, "after {after:?}");
+        }
+    }
+
+    pub async fn count_sessions(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        let mut model = vec![
+            session("a1", "alice", t, Active),
+            session("a2", "alice", t, Active),
+            session("a3", "alice", t, Expired),
+            session("a4", "alice", t, Deleted),
+            session("b1", "bob", t, Active),
+            session("b2", "bob", t, Deleted),
+            session("b3", "bob", t, Deleted),
+        ];
+        create_sessions(store, &model).await;
+
+        async fn check(store: &dyn Store, model: &[Session]) {
+            for user_id in [Some("alice"), Some("bob"), Some("nobody"), None] {
+                for status in [Active, Expired, Deleted] {
+                    let expected =
+                        model.iter().filter(|s| s.status == status && user_id.is_none_or(|u| s.user_id == u)).count()
+                            as u64;
+                    let got = store.count_sessions(user_id, status).await.expect("count");
+                    assert_eq!(got, expected, "count_sessions({user_id:?}, {status:?})");
+                }
+            }
+        }
+        check(store, &model).await;
+        assert_eq!(store.count_sessions(None, Active).await.expect("count"), 3);
+        assert_eq!(store.count_sessions(Some("alice"), Active).await.expect("count"), 2);
+
+        let at = t + TimeDelta::seconds(1);
+        assert!(store.set_session_status("a1", Expired, at).await.expect("set"));
+        model[0].status = Expired;
+        assert!(store.set_session_status("b1", Deleted, at).await.expect("set"));
+        model[4].status = Deleted;
+        check(store, &model).await;
+
+        assert!(store.delete_user("alice").await.expect("delete user"));
+        for s in model.iter_mut().filter(|s| s.user_id == "alice") {
+            s.status = Deleted;
+        }
+        check(store, &model).await;
+    }
+
+    pub async fn set_session_status(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        let original = Session {
+            message_count: 9,
+            cli_session_id: Some("cli-1".into()),
+            last_active_at: t + micros(10),
+            ..session("s-1", "alice", t, Active)
+        };
+        let other = session("s-2", "alice", t, Active);
+        create_sessions(store, &[original.clone(), other.clone()]).await;
+
+        // To expired: last_active_at is kept.
+        let x = t + TimeDelta::seconds(100);
+        assert!(store.set_session_status("s-1", Expired, x).await.expect("set"));
+        let expired = Session { status: Expired, ..original.clone() };
+        assert_eq!(get_session(store, "s-1").await, expired);
+
+        // Expired to expired: still true, still no activity.
+        assert!(store.set_session_status("s-1", Expired, x + micros(1)).await.expect("set"));
+        assert_eq!(get_session(store, "s-1").await, expired);
+
+        // Back to active: counts as activity at `at`.
+        let y = t + TimeDelta::seconds(200) + micros(3);
+        assert!(store.set_session_status("s-1", Active, y).await.expect("set"));
+        let reopened = Session { status: Active, last_active_at: y, ..original.clone() };
+        assert_eq!(get_session(store, "s-1").await, reopened);
+
+        // Active to active moves last_active_at too.
+        let y2 = y + TimeDelta::milliseconds(1);
+        assert!(store.set_session_status("s-1", Active, y2).await.expect("set"));
+        let reopened = Session { last_active_at: y2, ..reopened };
+        assert_eq!(get_session(store, "s-1").await, reopened);
+
+        // To deleted: last_active_at is kept.
+        let z = t + TimeDelta::seconds(300);
+        assert!(store.set_session_status("s-1", Deleted, z).await.expect("set"));
+        let deleted = Session { status: Deleted, ..reopened };
+        assert_eq!(get_session(store, "s-1").await, deleted);
+
+        // Deleted is final.
+        for status in [Active, Expired, Deleted] {
+            assert!(
+                !store.set_session_status("s-1", status, z + TimeDelta::seconds(1)).await.expect("set"),
+                "a deleted session moved to {status:?}"
+            );
+            assert_eq!(get_session(store, "s-1").await, deleted);
+        }
+
+        assert!(!store.set_session_status("unknown", Active, z).await.expect("set unknown"));
+        assert_eq!(store.get_session("unknown").await.expect("get"), None);
+        // The neighbour is untouched.
+        assert_eq!(get_session(store, "s-2").await, other);
+    }
+
+    pub async fn touch_session(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        let active = Session { message_count: 3, ..session("s-active", "alice", t, Active) };
+        let expired = Session { message_count: 1, ..session("s-expired", "alice", t, Expired) };
+        let deleted = Session { message_count: 5, ..session("s-deleted", "alice", t, Deleted) };
+        create_sessions(store, &[active.clone(), expired.clone(), deleted.clone()]).await;
+
+        let at = t + TimeDelta::seconds(30) + micros(17);
+        assert!(store.touch_session("s-active", at, 2).await.expect("touch"));
+        let active = Session { message_count: 5, last_active_at: at, ..active };
+        assert_eq!(get_session(store, "s-active").await, active);
+
+        let at2 = at + TimeDelta::milliseconds(250);
+        assert!(store.touch_session("s-active", at2, 0).await.expect("touch"));
+        let active = Session { last_active_at: at2, ..active };
+        assert_eq!(get_session(store, "s-active").await, active);
+
+        // Touching does not change the status.
+        assert!(store.touch_session("s-expired", at, 4).await.expect("touch expired"));
+        assert_eq!(get_session(store, "s-expired").await, Session { message_count: 5, last_active_at: at, ..expired });
+
+        assert!(!store.touch_session("s-deleted", at, 1).await.expect("touch deleted"));
+        assert_eq!(get_session(store, "s-deleted").await, deleted);
+        assert!(!store.touch_session("unknown", at, 1).await.expect("touch unknown"));
+        assert_eq!(store.get_session("unknown").await.expect("get"), None);
+    }
+
+    pub async fn concurrent_touches_are_atomic(store: &dyn Store) {
+        let t = base();
+        store.create_session(&session("s-1", "alice", t, SessionStatus::Active)).await.expect("create");
+        let touches: Vec<_> =
+            (1..=24_i64).map(|i| async move { store.touch_session("s-1", t + micros(i), 1).await }).collect();
+        for result in futures::future::join_all(touches).await {
+            assert!(result.expect("touch"), "touch of an active session must succeed");
+        }
+        let s = get_session(store, "s-1").await;
+        assert_eq!(s.message_count, 24, "concurrent increments were lost");
+        assert!(s.last_active_at > t && s.last_active_at <= t + micros(24));
+    }
+
+    pub async fn expire_idle_sessions(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let cutoff = base() + micros(500);
+        let idle = |id: &str, user_id: &str, last_active: DateTime<Utc>, status: SessionStatus| Session {
+            last_active_at: last_active,
+            message_count: 2,
+            ..session(id, user_id, cutoff - TimeDelta::days(1), status)
+        };
+        let sessions = [
+            idle("old-alice", "alice", cutoff - TimeDelta::hours(1), Active),
+            idle("just-before", "bob", cutoff - micros(1), Active),
+            idle("whole-second", "bob", cutoff - micros(500), Active),
+            idle("at-cutoff", "alice", cutoff, Active),
+            idle("after", "alice", cutoff + micros(1), Active),
+            idle("future", "bob", cutoff + TimeDelta::hours(1), Active),
+            idle("already-expired", "alice", cutoff - TimeDelta::hours(2), Expired),
+            idle("deleted", "bob", cutoff - TimeDelta::hours(3), Deleted),
+        ];
+        create_sessions(store, &sessions).await;
+
+        let mut expired = store.expire_idle_sessions(cutoff).await.expect("expire");
+        expired.sort();
+        assert_eq!(expired, ["just-before", "old-alice", "whole-second"]);
+
+        for s in &sessions {
+            let now_expired = ["just-before", "old-alice", "whole-second"].contains(&s.session_id.as_str());
+            let expected = if now_expired { Session { status: Expired, ..s.clone() } } else { s.clone() };
+            assert_eq!(get_session(store, &s.session_id).await, expected, "after expiry: {}", s.session_id);
+        }
+
+        // Idempotent: nothing left to expire at the same cutoff.
+        assert!(store.expire_idle_sessions(cutoff).await.expect("expire again").is_empty());
+
+        // A later cutoff catches the rest of the active ones, and only them.
+        let mut expired = store.expire_idle_sessions(cutoff + TimeDelta::hours(2)).await.expect("expire later");
+        expired.sort();
+        assert_eq!(expired, ["after", "at-cutoff", "future"]);
+        assert_eq!(get_session(store, "deleted").await.status, Deleted);
+        assert_eq!(store.count_sessions(None, Active).await.expect("count"), 0);
+        assert_eq!(store.count_sessions(None, Expired).await.expect("count"), 7);
+    }
+}
