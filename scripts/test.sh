@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up what the test suite needs on a fresh machine and runs all of it:
+# the pinned Claude CLI (npm), PostgreSQL at 127.0.0.1:5432, the workspace's
+# binaries, then every unit, conformance and integration test.
+# Nothing is skipped: a missing dependency fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+say "toolchain"
+command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+cargo --version
+
+say "Claude CLI (pinned in package.json / package-lock.json)"
+if ! command -v npm >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq nodejs npm
+fi
+npm ci --ignore-scripts --no-audit --no-fund
+test -x node_modules/@anthropic-ai/claude-code-linux-x64/claude \
+  || { echo "the Claude CLI binary is missing after npm ci" >&2; exit 1; }
+
+say "PostgreSQL at 127.0.0.1:5432"
+pg_ready() { (command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432) \
+  || (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if ! pg_ready && [ -d /etc/postgresql ]; then
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  for _ in $(seq 1 30); do pg_ready && break; sleep 1; done
+fi
+pg_ready || { echo "PostgreSQL is not reachable at 127.0.0.1:5432: the store and API tests need it" >&2; exit 1; }
+
+say "build"
+cargo build --workspace --bins --locked
+
+say "tests"
+cargo test --workspace --locked
