@@ -13,9 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Bootstrap};
+use crate::config::SandboxMode;
 use crate::config::{AuthMode, Config};
 use crate::store::{self, Store};
 use crate::userdir::UserDirs;
+use crate::workers::supervisor::Supervisor;
 
 /// Shared state of every request: `AppState(Arc<Services>)`, cheap to clone.
 #[derive(Clone, Debug)]
@@ -34,6 +36,7 @@ pub struct Services {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub user_dirs: UserDirs,
+    pub supervisor: Arc<Supervisor>,
     pub started: Instant,
     /// Serialises "count open sessions, then insert" so two concurrent
     /// creates cannot both take the last slot.
@@ -60,6 +63,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     UserDirs(#[from] crate::userdir::UserDirError),
+    #[error("user.base_dir {path}: {message}")]
+    BaseDir { path: std::path::PathBuf, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
@@ -84,6 +89,11 @@ impl App {
             tracing::warn!("auth.mode is `none`: every caller is an admin; use only for local development");
         }
         let user_dirs = UserDirs::open(&config.user.base_dir, config.user.auto_create_dir)?;
+        let supervisor = Arc::new(Supervisor::new(config.clone(), store.clone(), user_dirs.base_path().to_path_buf()));
+        if supervisor.mode() == SandboxMode::Privileged {
+            // Users' uids must traverse the base directory, not list it.
+            open_base_for_users(user_dirs.base_path())?;
+        }
         let addr = format!("{}:{}", config.api.host, config.api.port);
         let listener =
             TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
@@ -91,6 +101,7 @@ impl App {
             config,
             store,
             user_dirs,
+            supervisor,
             started: Instant::now(),
             admission: tokio::sync::Mutex::new(()),
         }));
@@ -111,10 +122,31 @@ impl App {
         let result =
             axum::serve(self.listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
         shutdown.cancel();
+        self.state.supervisor.shutdown().await;
         tasks.close();
         tasks.wait().await;
         result
     }
+}
+
+/// Privileged mode: each user's uid must reach `<base>/<user>`. The base
+/// becomes 0711 (traverse, not list), and every ancestor must be
+/// traversable by others, or start-up stops with the directory to fix.
+fn open_base_for_users(base: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |message: String| StartError::BaseDir { path: base.to_path_buf(), message };
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711)).map_err(|e| fail(e.to_string()))?;
+    for ancestor in base.ancestors().skip(1) {
+        let mode = std::fs::metadata(ancestor).map_err(|e| fail(e.to_string()))?.permissions().mode();
+        if mode & 0o001 == 0 {
+            return Err(fail(format!(
+                "{} is not traversable by other users (mode {:o}); users' workers could not reach their directories",
+                ancestor.display(),
+                mode & 0o777
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// First start without `CLAUDE_AGENT_ADMIN_TOKEN`: the only time this

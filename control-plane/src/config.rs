@@ -22,8 +22,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Environment variable naming the config file (the `--config` flag wins).
 pub const CONFIG_PATH_ENV: &str = "CLAUDE_AGENT_CONFIG";
 
-/// The permission modes the Claude CLI accepts for `--permission-mode`.
-pub const PERMISSION_MODES: &[&str] = &["acceptEdits", "bypassPermissions", "default", "dontAsk", "plan"];
+/// The permission modes the Claude CLI accepts for `--permission-mode`
+/// (CLI 2.1.332), plus the SDK's `default`, which the seed used and which
+/// means "the CLI's own default" (no flag).
+pub const PERMISSION_MODES: &[&str] =
+    &["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"];
 
 /// Flat environment names (the seed's, plus ours) and the key each sets.
 /// They rank above nested `CLAUDE_AGENT_<SECTION>__<KEY>` names and above
@@ -89,6 +92,8 @@ pub struct Config {
     /// Upstream model credentials. Read from `ANTHROPIC_*`; never logged.
     pub anthropic: AnthropicConfig,
     pub log: LogConfig,
+    /// How each user's worker is confined.
+    pub sandbox: SandboxConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -344,6 +349,121 @@ pub struct AnthropicConfig {
     pub model: Option<String>,
 }
 
+/// Whether workers get a uid of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Privileged when the server is root or holds CAP_SETUID, CAP_SETGID
+    /// and CAP_SETPCAP; else unprivileged.
+    #[default]
+    Auto,
+    /// Each user's worker runs as that user's own uid (from `uid_range`).
+    Privileged,
+    /// Workers share the server's uid; isolation relies on Landlock,
+    /// seccomp and cgroups.
+    Unprivileged,
+}
+
+/// Layers that may be missing without stopping a worker.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BestEffortConfig {
+    pub landlock: bool,
+    pub seccomp: bool,
+    pub cgroup: bool,
+    pub privileges: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    pub mode: SandboxMode,
+    /// The worker binary; default: `claude-agent-worker` next to the server.
+    pub worker_path: Option<PathBuf>,
+    /// Uids (and gids) handed to users in privileged mode, inclusive.
+    pub uid_min: u32,
+    pub uid_max: u32,
+    /// Oldest Landlock ABI accepted (6 brings signal and socket scopes).
+    pub landlock_min_abi: u8,
+    /// TCP ports a CLI may connect to; default: the port of
+    /// `ANTHROPIC_BASE_URL` (443 without one).
+    pub allowed_tcp_ports: Option<Vec<u16>>,
+    /// More read-only paths for every worker (tools, language runtimes).
+    pub extra_read_only_paths: Vec<PathBuf>,
+    /// Refuse UDP sockets (DNS included) inside the sandbox.
+    pub deny_udp: bool,
+    /// Allow `socket(AF_UNIX)`: connecting to the host's unix sockets.
+    pub allow_unix_sockets: bool,
+    pub rlimit_nofile: u64,
+    /// Largest file a CLI may write, MiB.
+    pub rlimit_fsize_mb: u64,
+    /// Heap (RLIMIT_DATA) of each process, MiB.
+    pub rlimit_data_mb: u64,
+    /// Processes per user uid (privileged mode only).
+    pub rlimit_nproc: u64,
+    /// Memory of all of a user's processes, MiB (cgroup).
+    pub memory_mb: u64,
+    /// Processes of a user (cgroup pids.max).
+    pub pids: u64,
+    /// CPU of a user, percent of one core (cgroup).
+    pub cpu_percent: u32,
+    /// Seconds a worker with no running process is kept.
+    pub worker_idle_timeout: u64,
+    /// Seconds a worker may take to start and confine itself.
+    pub worker_start_timeout: u64,
+    pub best_effort: BestEffortConfig,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            mode: SandboxMode::Auto,
+            worker_path: None,
+            uid_min: 200_000,
+            uid_max: 299_999,
+            landlock_min_abi: 6,
+            allowed_tcp_ports: None,
+            extra_read_only_paths: Vec::new(),
+            deny_udp: false,
+            allow_unix_sockets: false,
+            rlimit_nofile: 4096,
+            rlimit_fsize_mb: 1024,
+            rlimit_data_mb: 2048,
+            rlimit_nproc: 1024,
+            memory_mb: 4096,
+            pids: 512,
+            cpu_percent: 200,
+            worker_idle_timeout: 600,
+            worker_start_timeout: 10,
+            best_effort: BestEffortConfig::default(),
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The TCP ports a CLI may reach: configured, else the model's port.
+    pub fn tcp_ports(&self, anthropic: &AnthropicConfig) -> Vec<u16> {
+        if let Some(ports) = &self.allowed_tcp_ports {
+            return ports.clone();
+        }
+        let port = anthropic.base_url.as_deref().and_then(url_port).unwrap_or(443);
+        vec![port]
+    }
+}
+
+/// The port of an `http(s)://host[:port]/...` URL (default 80 or 443).
+fn url_port(url: &str) -> Option<u16> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let explicit = host_port
+        .rsplit_once(':')
+        // In `[::1]` the last colon belongs to the address.
+        .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'))
+        .and_then(|(_, port)| port.parse().ok());
+    explicit.or(Some(if scheme == "http" { 80 } else { 443 }))
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -528,6 +648,12 @@ impl Config {
             shared::names::validate_user_id(name)
                 .map_err(|e| ConfigError::invalid("auth.admin_users", format!("{name:?}: {e}")))?;
         }
+        if self.sandbox.uid_min == 0 || self.sandbox.uid_min > self.sandbox.uid_max {
+            return Err(ConfigError::invalid("sandbox.uid_min", "must be at least 1 and not above sandbox.uid_max"));
+        }
+        if self.sandbox.landlock_min_abi == 0 {
+            return Err(ConfigError::invalid("sandbox.landlock_min_abi", "must be at least 1"));
+        }
         if let Some(schema) = &self.session.pg_schema {
             shared::names::validate_user_id(schema)
                 .map_err(|e| ConfigError::invalid("session.pg_schema", format!("{schema:?}: {e}")))?;
@@ -628,6 +754,19 @@ mod tests {
         assert_eq!(session.effective_kind(), StorageKind::Postgresql);
         session.database_url = Some(Secret::new("sqlite:///tmp/x.db"));
         assert!(matches!(session.location(), StoreLocation::Sqlite(p) if p == Path::new("/tmp/x.db")));
+    }
+
+    #[test]
+    fn the_model_port_is_the_default_allowed_port() {
+        let sandbox = SandboxConfig::default();
+        let mut anthropic = AnthropicConfig::default();
+        assert_eq!(sandbox.tcp_ports(&anthropic), [443]);
+        anthropic.base_url = Some("http://127.0.0.1:8123/v1".into());
+        assert_eq!(sandbox.tcp_ports(&anthropic), [8123]);
+        anthropic.base_url = Some("http://localhost".into());
+        assert_eq!(sandbox.tcp_ports(&anthropic), [80]);
+        anthropic.base_url = Some("https://api.example.com/".into());
+        assert_eq!(sandbox.tcp_ports(&anthropic), [443]);
     }
 
     #[test]

@@ -12,3 +12,4 @@ pub mod cli;
 pub mod config;
 pub mod store;
 pub mod userdir;
+pub mod workers;

@@ -82,21 +82,33 @@ impl UserDirs {
     }
 
     /// Resolves (creating as configured) a session's working directory and
-    /// returns its absolute path.
-    pub fn resolve(&self, user_id: &str, subdir: Option<&Subdir>) -> Result<PathBuf, UserDirError> {
+    /// returns its absolute path. Directories it creates get `owner` (the
+    /// user's own uid/gid in privileged sandbox mode).
+    pub fn resolve(
+        &self,
+        user_id: &str,
+        subdir: Option<&Subdir>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<PathBuf, UserDirError> {
         shared::names::validate_user_id(user_id)
             .map_err(|source| UserDirError::InvalidName { field: "user_id", source })?;
         let mut path = self.base_path.join(user_id);
-        let mut dir = self.open_child(&self.base_fd, user_id, "user_id")?;
+        let mut dir = self.open_child(&self.base_fd, user_id, "user_id", owner)?;
         for segment in subdir.into_iter().flat_map(Subdir::segments) {
-            dir = self.open_child(&dir, segment, "subdir")?;
+            dir = self.open_child(&dir, segment, "subdir", owner)?;
             path.push(segment);
         }
         Ok(path)
     }
 
     /// Opens directory `name` beneath `parent`, creating it if allowed.
-    fn open_child(&self, parent: &OwnedFd, name: &str, field: &'static str) -> Result<OwnedFd, UserDirError> {
+    fn open_child(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        field: &'static str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<OwnedFd, UserDirError> {
         let open = || {
             // No O_NOFOLLOW: with O_DIRECTORY it turns a symlink into ENOTDIR;
             // RESOLVE_NO_SYMLINKS refuses it (ELOOP) for what it is.
@@ -119,8 +131,21 @@ impl UserDirs {
             Ok(fd) => Ok(fd),
             Err(rustix::io::Errno::NOENT) if self.auto_create => {
                 match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
-                    // Created now, or by a concurrent request.
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => open().map_err(classify),
+                    Ok(()) => {
+                        if let Some((uid, gid)) = owner {
+                            rustix::fs::chownat(
+                                parent,
+                                name,
+                                Some(rustix::fs::Uid::from_raw(uid)),
+                                Some(rustix::fs::Gid::from_raw(gid)),
+                                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                            )
+                            .map_err(classify)?;
+                        }
+                        open().map_err(classify)
+                    }
+                    // Created by a concurrent request.
+                    Err(rustix::io::Errno::EXIST) => open().map_err(classify),
                     Err(errno) => Err(classify(errno)),
                 }
             }
@@ -145,7 +170,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let (_tmp, dirs) = dirs(true);
         let sub = Subdir::parse("a/b").expect("valid");
-        let path = dirs.resolve("alice", Some(&sub)).expect("resolve");
+        let path = dirs.resolve("alice", Some(&sub), None).expect("resolve");
         assert_eq!(path, dirs.base_path().join("alice/a/b"));
         assert!(path.is_dir());
         let mode = std::fs::metadata(dirs.base_path().join("alice")).expect("meta").permissions().mode();
@@ -155,25 +180,25 @@ mod tests {
     #[test]
     fn symlinks_are_refused_even_inside_the_base() {
         let (_tmp, dirs) = dirs(true);
-        dirs.resolve("alice", None).expect("alice");
-        dirs.resolve("bob", None).expect("bob");
+        dirs.resolve("alice", None, None).expect("alice");
+        dirs.resolve("bob", None, None).expect("bob");
         std::os::unix::fs::symlink(dirs.base_path().join("bob"), dirs.base_path().join("alice/link")).expect("symlink");
         let sub = Subdir::parse("link").expect("valid");
-        let result = dirs.resolve("alice", Some(&sub));
+        let result = dirs.resolve("alice", Some(&sub), None);
         assert!(matches!(result, Err(UserDirError::Escapes { field: "subdir", .. })), "{result:?}");
         std::os::unix::fs::symlink("/etc", dirs.base_path().join("mallory")).expect("symlink");
-        assert!(matches!(dirs.resolve("mallory", None), Err(UserDirError::Escapes { field: "user_id", .. })));
+        assert!(matches!(dirs.resolve("mallory", None, None), Err(UserDirError::Escapes { field: "user_id", .. })));
     }
 
     #[test]
     fn files_and_missing_dirs_are_reported() {
         let (_tmp, dirs) = dirs(true);
-        dirs.resolve("alice", None).expect("alice");
+        dirs.resolve("alice", None, None).expect("alice");
         std::fs::write(dirs.base_path().join("alice/file"), b"x").expect("write");
         let sub = Subdir::parse("file").expect("valid");
-        assert!(matches!(dirs.resolve("alice", Some(&sub)), Err(UserDirError::NotADirectory { .. })));
+        assert!(matches!(dirs.resolve("alice", Some(&sub), None), Err(UserDirError::NotADirectory { .. })));
 
         let (_tmp2, strict) = super::tests::dirs(false);
-        assert!(matches!(strict.resolve("carol", None), Err(UserDirError::Missing { field: "user_id", .. })));
+        assert!(matches!(strict.resolve("carol", None, None), Err(UserDirError::Missing { field: "user_id", .. })));
     }
 }

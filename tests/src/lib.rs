@@ -66,11 +66,14 @@ pub struct ServerConfig {
     pub env: Vec<(String, String)>,
     /// Give the server a configured admin token (else it generates one).
     pub admin_token: bool,
+    /// Run the server as this uid (and gid) instead of root: the
+    /// unprivileged sandbox mode, with cgroups delegated to it.
+    pub run_as: Option<u32>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { backend: Backend::Sqlite, extra_yaml: String::new(), env: Vec::new(), admin_token: true }
+        Self { backend: Backend::Sqlite, extra_yaml: String::new(), env: Vec::new(), admin_token: true, run_as: None }
     }
 }
 
@@ -100,7 +103,9 @@ pub struct TestServer {
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
     pub config: ServerConfig,
+    pub pid: u32,
     pg_schema: Option<String>,
+    delegated: Vec<PathBuf>,
 }
 
 impl TestServer {
@@ -120,6 +125,8 @@ impl TestServer {
     async fn launch(config: ServerConfig, dir: tempfile::TempDir, pg_schema: Option<String>) -> Self {
         let root = dir.path();
         std::fs::create_dir_all(root.join("users")).expect("users dir");
+        // Users' uids traverse (not list) the test directory to their own.
+        set_mode(root, 0o711);
         let mut yaml = format!(
             "api:\n  host: 127.0.0.1\n  port: 0\nuser:\n  base_dir: {users}\nlog:\n  level: info,sqlx=warn\n  format: json\n",
             users = root.join("users").display(),
@@ -141,10 +148,40 @@ impl TestServer {
 
         let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
         let mut command = Command::new(binary_path("claude-agent-http"));
+        command.env_clear();
+        // The probe stands in for the Claude CLI unless a test says otherwise.
+        command.env("CLAUDE_AGENT_CLI_PATH", binary_path("sandbox-probe"));
+        // Delegate cgroups to an unprivileged server: it joins them before
+        // exec (so it never starts outside them) and creates its workers'
+        // cgroups beneath.
+        let mut delegated = Vec::new();
+        if let Some(uid) = config.run_as {
+            chown_tree(root, uid);
+            delegated = delegate_cgroups(uid);
+            let procs: Vec<std::ffi::CString> = delegated
+                .iter()
+                .filter_map(|d| {
+                    std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok()
+                })
+                .collect();
+            command.uid(uid).gid(uid);
+            // Runs after the uid change, in the child: only open/write/close.
+            unsafe {
+                command.pre_exec(move || {
+                    for path in &procs {
+                        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        if fd >= 0 {
+                            libc::write(fd, c"0".as_ptr().cast(), 1);
+                            libc::close(fd);
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         command
             .arg("--config")
             .arg(&config_path)
-            .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", root)
             .current_dir(root)
@@ -159,6 +196,7 @@ impl TestServer {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start claude-agent-http");
+        let pid = child.id().expect("server pid");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let wait = async {
@@ -179,7 +217,7 @@ impl TestServer {
         // Keep draining stdout so the server never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
-        Self { child, base_url, admin_token, client, dir, config, pg_schema }
+        Self { child, base_url, admin_token, client, dir, config, pid, pg_schema, delegated }
     }
 
     /// Stops the server (SIGTERM) and starts it again on the same data.
@@ -187,6 +225,7 @@ impl TestServer {
         self.terminate().await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
         let pg_schema = self.pg_schema.take();
+        remove_delegated(std::mem::take(&mut self.delegated));
         let config = self.config.clone();
         let mut restarted = Self::launch(config, dir, pg_schema).await;
         restarted.admin_token = self.admin_token.clone();
@@ -259,6 +298,18 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // Gracefully if possible, so the server removes its cgroups.
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+            for _ in 0..100 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.start_kill();
+        }
+        remove_delegated(std::mem::take(&mut self.delegated));
         if let Some(schema) = self.pg_schema.take() {
             // Best-effort cleanup on a thread of its own (no runtime here).
             let _ = std::thread::spawn(move || {
@@ -277,6 +328,83 @@ impl Drop for TestServer {
             .join();
         }
     }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).expect("chown");
+    if path.is_dir() && !path.is_symlink() {
+        for entry in std::fs::read_dir(path).expect("read_dir").flatten() {
+            chown_tree(&entry.path(), uid);
+        }
+    }
+}
+
+/// The v1 controllers the server uses.
+const CGROUP_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "freezer"];
+
+/// Creates a cgroup owned by `uid` beneath the test's own, in each v1
+/// hierarchy the server uses: the delegation that systemd or a container
+/// runtime gives an unprivileged service.
+fn delegate_cgroups(uid: u32) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let name = unique_name("cah_delegated");
+    let mut created = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let Some(c) = CGROUP_CONTROLLERS.iter().find(|c| controllers.split(',').any(|x| x == **c)) else {
+            continue;
+        };
+        let mount = PathBuf::from("/sys/fs/cgroup").join(c);
+        if !mount.is_dir() {
+            continue;
+        }
+        let dir = mount.join(path.trim_start_matches('/')).join(&name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        chown_tree(&dir, uid);
+        created.push(dir);
+    }
+    assert!(!created.is_empty(), "no cgroup hierarchy to delegate");
+    created
+}
+
+/// Removes delegated cgroups (after killing what is left in them).
+fn remove_delegated(dirs: Vec<PathBuf>) {
+    for dir in dirs {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            // Children the server left behind, depth first.
+            let mut nested: Vec<PathBuf> = walk_dirs(&dir);
+            nested.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for child in nested {
+                let _ = std::fs::remove_dir(child);
+            }
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk_dirs(&path));
+            found.push(path);
+        }
+    }
+    found
 }
 
 /// A response read whole: status, headers, JSON body (or `Value::Null`).

@@ -21,11 +21,12 @@ use super::error::{ApiError, ErrorBody, FieldError};
 use super::extract::{ApiJson, ApiQuery, Validate};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::config::{PERMISSION_MODES, SessionDefaults};
+use crate::config::{PERMISSION_MODES, SandboxMode, SessionDefaults};
 use crate::store::{
     self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User,
 };
 use crate::userdir::UserDirError;
+use crate::workers::sandbox;
 
 /// Largest `max_turns` a session may ask for.
 const MAX_TURNS_LIMIT: u32 = 10_000;
@@ -39,6 +40,8 @@ const MAX_PROMPT_CHARS: usize = 100_000;
 const DEFAULT_PAGE: u32 = 50;
 /// Largest page of either listing.
 const MAX_PAGE: u32 = 1000;
+/// How long a deleted session's CLI gets to exit before SIGKILL.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Body of `POST /api/v1/sessions`: the seed's fields plus the session's CLI
 /// options, each overriding the configured default.
@@ -335,10 +338,24 @@ pub async fn create_session(
         .transpose()
         .map_err(|e| ApiError::bad_field("invalid_path", "subdir", format!("subdir: {e}")))?;
     ensure_user(&state, &owner).await?;
+    // Privileged sandbox: directories belong to the user's own uid.
+    let dir_owner = match state.supervisor.mode() {
+        SandboxMode::Privileged => {
+            let range = (i64::from(state.config.sandbox.uid_min), i64::from(state.config.sandbox.uid_max));
+            let uid = state
+                .store
+                .assign_uid(&owner, range)
+                .await?
+                .ok_or_else(|| ApiError::Internal(format!("user {owner} vanished while creating a session")))?;
+            let uid = u32::try_from(uid).map_err(|_| ApiError::Internal(format!("stored uid {uid} is invalid")))?;
+            Some((uid, uid))
+        }
+        _ => None,
+    };
 
     let cwd = {
         let (state, owner, subdir) = (state.clone(), owner.clone(), subdir.clone());
-        tokio::task::spawn_blocking(move || state.user_dirs.resolve(&owner, subdir.as_ref()))
+        tokio::task::spawn_blocking(move || state.user_dirs.resolve(&owner, subdir.as_ref(), dir_owner))
             .await
             .map_err(|e| ApiError::Internal(format!("directory task failed: {e}")))?
             .map_err(dir_error)?
@@ -366,6 +383,15 @@ pub async fn create_session(
         let _admission = state.admission.lock().await;
         admit_session(&state, &owner).await?;
         state.store.create_session(&session).await?;
+    }
+    // The session's CLI starts now in the user's confined worker; a sandbox
+    // that cannot be set up fails the create (503), leaving no session.
+    let spec =
+        sandbox::cli_spec(&state.config, &session, &state.user_dirs.base_path().join(&owner), dir_owner.is_some());
+    if let Err(error) = state.supervisor.start_process(&owner, &session.session_id, spec).await {
+        state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await?;
+        tracing::error!(session_id = %session.session_id, user_id = %owner, %error, "session not started");
+        return Err(ApiError::Unavailable { message: error.to_string(), retry_after_secs: 5 });
     }
     tracing::info!(session_id = %session.session_id, user_id = %owner, "session created");
     let location = HeaderValue::from_str(&format!("/api/v1/sessions/{session_id}"))
@@ -435,6 +461,7 @@ pub async fn delete_session(
     if !state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await? {
         return Err(ApiError::session_not_found());
     }
+    state.supervisor.stop_process(&session.user_id, &session.session_id, STOP_GRACE).await;
     tracing::info!(session_id = %session.session_id, user_id = %session.user_id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -78,6 +78,21 @@ impl Store for MemoryStore {
         })
     }
 
+    async fn assign_uid(&self, user_id: &str, range: (i64, i64)) -> StoreResult<Option<i64>> {
+        self.with(|s| {
+            let taken: std::collections::HashSet<i64> = s.users.values().filter_map(|u| u.uid).collect();
+            let Some(user) = s.users.get_mut(user_id) else { return Ok(None) };
+            if let Some(uid) = user.uid {
+                return Ok(Some(uid));
+            }
+            let uid = (range.0..=range.1)
+                .find(|uid| !taken.contains(uid))
+                .ok_or_else(|| StoreError::Unavailable(format!("uid range {}-{} exhausted", range.0, range.1)))?;
+            user.uid = Some(uid);
+            Ok(Some(uid))
+        })?
+    }
+
     async fn create_token(&self, token: &ApiToken) -> StoreResult<()> {
         self.with(|s| {
             if s.tokens.values().any(|t| t.token_hash == token.token_hash) || s.tokens.contains_key(&token.token_id) {

@@ -261,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
     async fn count_users(&self) -> StoreResult<u64>;
     /// Deletes a user and their tokens, and marks their sessions deleted.
     async fn delete_user(&self, user_id: &str) -> StoreResult<bool>;
+    /// The user's own uid for privileged sandboxing: the stored one, or the
+    /// lowest free one in `range`, stored once. `Unavailable` when the range
+    /// is exhausted; `None` when the user does not exist.
+    async fn assign_uid(&self, user_id: &str, range: (i64, i64)) -> StoreResult<Option<i64>>;
 
     /// Stores a token; `Conflict` if its hash exists.
     async fn create_token(&self, token: &ApiToken) -> StoreResult<()>;

@@ -185,6 +185,48 @@ macro_rules! impl_sql_store {
                 Ok(true)
             }
 
+            async fn assign_uid(&self, user_id: &str, range: (i64, i64)) -> $crate::store::StoreResult<Option<i64>> {
+                // Lowest free uid above the highest taken one; the UNIQUE
+                // index settles a race between two servers (retry).
+                for _ in 0..5 {
+                    let Some((current,)): Option<(Option<i64>,)> =
+                        sqlx::query_as("SELECT uid FROM users WHERE user_id = $1")
+                            .bind(user_id)
+                            .fetch_optional(&self.pool)
+                            .await?
+                    else {
+                        return Ok(None);
+                    };
+                    if current.is_some() {
+                        return Ok(current);
+                    }
+                    let (next,): (i64,) = sqlx::query_as(
+                        "SELECT COALESCE(MAX(uid) + 1, $1) FROM users WHERE uid BETWEEN $1 AND $2",
+                    )
+                    .bind(range.0)
+                    .bind(range.1)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    if next > range.1 {
+                        return Err($crate::store::StoreError::Unavailable(format!(
+                            "uid range {}-{} exhausted",
+                            range.0, range.1
+                        )));
+                    }
+                    let updated = sqlx::query("UPDATE users SET uid = $1 WHERE user_id = $2 AND uid IS NULL")
+                        .bind(next)
+                        .bind(user_id)
+                        .execute(&self.pool)
+                        .await;
+                    match updated {
+                        Ok(_) => continue,
+                        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err($crate::store::StoreError::Unavailable("could not allocate a uid (contention)".into()))
+            }
+
             async fn create_token(&self, token: &$crate::store::ApiToken) -> $crate::store::StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO api_tokens (token_id, user_id, token_hash, label, created_at, expires_at, last_used_at) \

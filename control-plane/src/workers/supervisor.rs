@@ -1,0 +1,568 @@
+//! The supervisor: one confined worker per active user.
+//!
+//! It starts a user's worker on their first session (socketpair end as fd
+//! 3, empty environment, configuration in the first frame), reuses it for
+//! their other sessions, stops it when idle, notices when it dies (every
+//! session of it gets a `WorkerDied` event), and kills everything a user
+//! ran — whole cgroup, process group — on session delete and at shutdown.
+//! Nothing outlives the server: workers have PDEATHSIG, their CLIs too.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use shared::protocol::{
+    ConfinementReport, FromWorker, MAX_FRAME_LEN, OutputStream, PROTOCOL_VERSION, ProcessSpec, ToWorker, UserIds,
+};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::bytes::Bytes;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::cgroup::{CgroupLimits, CgroupManager, UserCgroup};
+use super::sandbox;
+use crate::config::{Config, SandboxMode};
+use crate::store::Store;
+
+/// Events of one session's CLI process, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProcessEvent {
+    Started {
+        pid: u32,
+    },
+    Line {
+        seq: u64,
+        stream: OutputStream,
+        line: String,
+    },
+    /// Lines were lost between `expected` and `got` (never expected: the
+    /// socket is reliable; reported rather than hidden).
+    Gap {
+        expected: u64,
+        got: u64,
+    },
+    Error(String),
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    /// The worker itself died; the process is gone.
+    WorkerDied,
+}
+
+/// Why a worker or process could not be started; the API answers 503 with
+/// the message (it names the failing layer, never a secret).
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("the sandbox could not be set up: {0}")]
+    Sandbox(String),
+    #[error("the worker failed to start: {0}")]
+    Start(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Per-session bookkeeping inside a worker handle.
+struct SessionSlot {
+    events: broadcast::Sender<ProcessEvent>,
+    next_seq: u64,
+    pid: Option<u32>,
+    cgroup: Option<UserCgroup>,
+}
+
+/// A running worker of one user.
+pub struct Worker {
+    pub user_id: String,
+    pub pid: u32,
+    pub report: ConfinementReport,
+    outbox: mpsc::UnboundedSender<ToWorker>,
+    sessions: Mutex<HashMap<String, SessionSlot>>,
+    cgroup: Option<UserCgroup>,
+    last_active: Mutex<Instant>,
+    /// The worker's socket closed: it exited or was killed.
+    exited: CancellationToken,
+    /// Everything it left behind has been killed.
+    cleaned: CancellationToken,
+    cleanup_started: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("user_id", &self.user_id).field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    fn send(&self, message: ToWorker) -> bool {
+        self.outbox.send(message).is_ok()
+    }
+
+    fn touch(&self) {
+        if let Ok(mut last) = self.last_active.lock() {
+            *last = Instant::now();
+        }
+    }
+
+    fn running_sessions(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Routes one frame from the worker to its session's subscribers.
+    fn dispatch(&self, message: FromWorker) {
+        let Ok(mut sessions) = self.sessions.lock() else { return };
+        let (session_id, event) = match message {
+            FromWorker::Started { session_id, pid } => {
+                if let Some(slot) = sessions.get_mut(&session_id) {
+                    slot.pid = Some(pid);
+                    // Into the session's own cgroup, so its daemons die with
+                    // it (processes forked before this stay in the user's).
+                    if let Some(cgroup) = &slot.cgroup {
+                        for procs in cgroup.procs_files() {
+                            if let Err(e) = std::fs::write(&procs, pid.to_string()) {
+                                tracing::warn!(%session_id, error = %e, "cannot move the CLI into its session cgroup");
+                            }
+                        }
+                    }
+                }
+                (session_id, ProcessEvent::Started { pid })
+            }
+            FromWorker::Output { session_id, seq, stream, line } => {
+                let Some(slot) = sessions.get_mut(&session_id) else { return };
+                if seq != slot.next_seq {
+                    let _ = slot.events.send(ProcessEvent::Gap { expected: slot.next_seq, got: seq });
+                }
+                slot.next_seq = seq + 1;
+                (session_id, ProcessEvent::Line { seq, stream, line })
+            }
+            FromWorker::Exited { session_id, seq, code, signal } => {
+                let Some(slot) = sessions.remove(&session_id) else { return };
+                if seq != slot.next_seq {
+                    let _ = slot.events.send(ProcessEvent::Gap { expected: slot.next_seq, got: seq });
+                }
+                // The session is over: whatever it left (setsid daemons
+                // included) dies with its cgroup. This is the one place a
+                // session cgroup is killed, so two kills never interleave.
+                if let Some(cgroup) = slot.cgroup {
+                    let session = session_id.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = cgroup.remove() {
+                            tracing::warn!(session_id = %session, error = %e, "cannot remove the session cgroup");
+                        }
+                    });
+                }
+                let _ = slot.events.send(ProcessEvent::Exited { code, signal });
+                return;
+            }
+            FromWorker::Error { session_id: Some(session_id), message } => {
+                tracing::warn!(user_id = %self.user_id, %session_id, %message, "worker reported an error");
+                (session_id, ProcessEvent::Error(message))
+            }
+            FromWorker::Error { session_id: None, message } | FromWorker::Fatal { message } => {
+                tracing::warn!(user_id = %self.user_id, %message, "worker reported an error");
+                return;
+            }
+            FromWorker::Ready { .. } => return,
+        };
+        if let Some(slot) = sessions.get(&session_id) {
+            let _ = slot.events.send(event);
+        }
+    }
+
+    /// The worker is gone: every session hears it, every process it left
+    /// behind is killed. Blocking (cgroup kills wait for the kernel); once
+    /// only.
+    fn mark_dead(&self) {
+        if self.cleanup_started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.exited.cancel();
+        if let Ok(mut sessions) = self.sessions.lock() {
+            for (_, slot) in sessions.drain() {
+                let _ = slot.events.send(ProcessEvent::WorkerDied);
+                if let Some(cgroup) = slot.cgroup {
+                    let _ = cgroup.remove();
+                }
+            }
+        }
+        kill_group(self.pid);
+        if let Some(cgroup) = &self.cgroup
+            && let Err(e) = cgroup.kill_all()
+        {
+            tracing::warn!(user_id = %self.user_id, error = %e, "cannot kill the user's cgroup");
+        }
+        self.cleaned.cancel();
+    }
+}
+
+fn kill_group(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Starts, tracks and stops workers.
+pub struct Supervisor {
+    config: Config,
+    mode: SandboxMode,
+    store: Arc<dyn Store>,
+    base_dir: PathBuf,
+    cgroups: Option<Arc<CgroupManager>>,
+    workers: tokio::sync::Mutex<HashMap<String, Arc<Worker>>>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor").field("mode", &self.mode).finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    pub fn new(config: Config, store: Arc<dyn Store>, base_dir: PathBuf) -> Self {
+        let mode = sandbox::resolve_mode(config.sandbox.mode);
+        let cgroups = match CgroupManager::detect() {
+            Ok(manager) => manager.map(Arc::new),
+            Err(e) => {
+                tracing::warn!(error = %e, "cgroups unavailable");
+                None
+            }
+        };
+        match (&cgroups, config.sandbox.best_effort.cgroup) {
+            (Some(_), _) => {}
+            (None, true) => tracing::warn!("no writable cgroup: workers run without memory/pids/cpu limits"),
+            (None, false) => tracing::warn!(
+                "no writable cgroup: workers will refuse to start (set sandbox.best_effort.cgroup to run without)"
+            ),
+        }
+        if mode == SandboxMode::Unprivileged {
+            tracing::warn!(
+                "sandbox mode is unprivileged: all users share this server's uid; isolation relies on \
+                 Landlock, seccomp and cgroups, and same-uid /proc entries not guarded by ptrace checks \
+                 (argv) stay readable across users"
+            );
+        }
+        Self {
+            config,
+            mode,
+            store,
+            base_dir,
+            cgroups,
+            workers: tokio::sync::Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn mode(&self) -> SandboxMode {
+        self.mode
+    }
+
+    pub async fn worker_count(&self) -> usize {
+        self.workers.lock().await.len()
+    }
+
+    /// The running worker of a user, if any.
+    pub async fn worker(&self, user_id: &str) -> Option<Arc<Worker>> {
+        self.workers.lock().await.get(user_id).cloned()
+    }
+
+    /// Starts `spec` for a session in its user's worker (starting the worker
+    /// first if needed) and returns the session's event stream.
+    pub async fn start_process(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        spec: ProcessSpec,
+    ) -> Result<broadcast::Receiver<ProcessEvent>, SupervisorError> {
+        let worker = self.ensure_worker(user_id).await?;
+        let (events, receiver) = broadcast::channel(4096);
+        let cgroup = worker.cgroup.as_ref().and_then(|c| match c.child(&session_cgroup_name(session_id)) {
+            Ok(child) => Some(child),
+            Err(e) => {
+                tracing::warn!(%session_id, error = %e, "no session cgroup; the user's cgroup bounds it");
+                None
+            }
+        });
+        worker
+            .sessions
+            .lock()
+            .map_err(|_| SupervisorError::Start("worker state poisoned".into()))?
+            .insert(session_id.to_owned(), SessionSlot { events, next_seq: 0, pid: None, cgroup });
+        worker.touch();
+        if !worker.send(ToWorker::Start { session_id: session_id.to_owned(), spec }) {
+            return Err(SupervisorError::Start("the worker exited".into()));
+        }
+        Ok(receiver)
+    }
+
+    /// Writes to a session's CLI stdin.
+    pub async fn write_stdin(&self, user_id: &str, session_id: &str, data: String) -> bool {
+        match self.worker(user_id).await {
+            Some(worker) => {
+                worker.touch();
+                worker.send(ToWorker::Stdin { session_id: session_id.to_owned(), data })
+            }
+            None => false,
+        }
+    }
+
+    /// Stops a session's CLI: SIGTERM to its process group, SIGKILL after
+    /// `grace`; when it has exited, its session cgroup (daemons included)
+    /// is killed and removed.
+    pub async fn stop_process(&self, user_id: &str, session_id: &str, grace: Duration) {
+        let Some(worker) = self.worker(user_id).await else { return };
+        worker.send(ToWorker::Stop { session_id: session_id.to_owned(), grace_ms: grace.as_millis() as u64 });
+    }
+
+    async fn ensure_worker(&self, user_id: &str) -> Result<Arc<Worker>, SupervisorError> {
+        if self.shutdown.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        let mut workers = self.workers.lock().await;
+        if let Some(worker) = workers.get(user_id)
+            && !worker.exited.is_cancelled()
+        {
+            return Ok(worker.clone());
+        }
+        let worker = self.spawn_worker(user_id).await?;
+        workers.insert(user_id.to_owned(), worker.clone());
+        Ok(worker)
+    }
+
+    /// Prepares the user's directory, uid and cgroup, starts the worker and
+    /// waits for it to confine itself.
+    async fn spawn_worker(&self, user_id: &str) -> Result<Arc<Worker>, SupervisorError> {
+        let sandbox_cfg = &self.config.sandbox;
+        let user_dir = self.base_dir.join(user_id);
+        let drop_to = match self.mode {
+            SandboxMode::Privileged => {
+                let range = (i64::from(sandbox_cfg.uid_min), i64::from(sandbox_cfg.uid_max));
+                let uid = self
+                    .store
+                    .assign_uid(user_id, range)
+                    .await
+                    .map_err(|e| SupervisorError::Sandbox(e.to_string()))?
+                    .ok_or_else(|| SupervisorError::Sandbox(format!("unknown user {user_id}")))?;
+                let uid = u32::try_from(uid).map_err(|_| SupervisorError::Sandbox(format!("bad uid {uid}")))?;
+                Some(UserIds { uid, gid: uid })
+            }
+            _ => None,
+        };
+        prepare_user_dir(&user_dir, drop_to).map_err(|e| SupervisorError::Sandbox(e.to_string()))?;
+        let cgroup = match &self.cgroups {
+            Some(manager) => {
+                let limits = CgroupLimits {
+                    memory_bytes: Some(sandbox_cfg.memory_mb * 1024 * 1024),
+                    pids: Some(sandbox_cfg.pids),
+                    cpu_percent: Some(sandbox_cfg.cpu_percent),
+                };
+                match manager.create_user(user_id, &limits) {
+                    Ok(cgroup) => Some(cgroup),
+                    Err(e) if sandbox_cfg.best_effort.cgroup => {
+                        tracing::warn!(%user_id, error = %e, "cgroup skipped (best-effort)");
+                        None
+                    }
+                    Err(e) => return Err(SupervisorError::Sandbox(format!("cgroup: {e}"))),
+                }
+            }
+            None if sandbox_cfg.best_effort.cgroup => None,
+            None => {
+                return Err(SupervisorError::Sandbox(
+                    "no writable cgroup hierarchy (delegate one to the server, or set sandbox.best_effort.cgroup)"
+                        .into(),
+                ));
+            }
+        };
+        let procs = cgroup.as_ref().map(UserCgroup::procs_files).unwrap_or_default();
+        let worker_config = sandbox::worker_config(&self.config, user_id, &user_dir, drop_to, procs);
+
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
+        let theirs_fd = theirs.as_raw_fd();
+        let mut command = tokio::process::Command::new(sandbox::worker_path(&self.config));
+        command.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        // Between fork and exec only async-signal-safe calls: put our end...
+        // their end of the socketpair on fd 3, without close-on-exec.
+        unsafe {
+            command.pre_exec(move || {
+                if theirs_fd == shared::protocol::CONTROL_FD {
+                    if libc::fcntl(theirs_fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_fd, shared::protocol::CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| SupervisorError::Start(format!("{}: {e}", sandbox::worker_path(&self.config).display())))?;
+        drop(theirs);
+        let pid = child.id().unwrap_or_default();
+
+        if let Some(stderr) = child.stderr.take() {
+            let user = user_id.to_owned();
+            self.tasks.spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::warn!(user_id = %user, worker_pid = pid, "worker: {line}");
+                }
+            });
+        }
+
+        ours.set_nonblocking(true).map_err(|e| SupervisorError::Start(e.to_string()))?;
+        let stream = tokio::net::UnixStream::from_std(ours).map_err(|e| SupervisorError::Start(e.to_string()))?;
+        let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_LEN).new_codec();
+        let mut framed = Framed::new(stream, codec);
+        let hello = ToWorker::Hello { version: PROTOCOL_VERSION, config: Box::new(worker_config) };
+        let bytes = serde_json::to_vec(&hello).map_err(|e| SupervisorError::Start(e.to_string()))?;
+        framed.send(Bytes::from(bytes)).await.map_err(|e| SupervisorError::Start(format!("hello: {e}")))?;
+
+        let timeout = Duration::from_secs(sandbox_cfg.worker_start_timeout.max(1));
+        let first = tokio::time::timeout(timeout, framed.next()).await;
+        let report = match first {
+            Ok(Some(Ok(bytes))) => match serde_json::from_slice::<FromWorker>(&bytes) {
+                Ok(FromWorker::Ready { version, confinement, .. }) if version == PROTOCOL_VERSION => confinement,
+                Ok(FromWorker::Ready { version, .. }) => {
+                    return Err(SupervisorError::Start(format!("worker speaks protocol {version}")));
+                }
+                Ok(FromWorker::Fatal { message }) => return Err(SupervisorError::Sandbox(message)),
+                Ok(other) => return Err(SupervisorError::Start(format!("unexpected first frame {other:?}"))),
+                Err(e) => return Err(SupervisorError::Start(format!("malformed first frame: {e}"))),
+            },
+            Ok(Some(Err(e))) => return Err(SupervisorError::Start(format!("reading ready: {e}"))),
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                return Err(SupervisorError::Start(format!("the worker exited before it was ready ({status:?})")));
+            }
+            Err(_) => return Err(SupervisorError::Start(format!("no answer within {}s", timeout.as_secs()))),
+        };
+        for skipped in &report.skipped {
+            tracing::warn!(%user_id, layer = %skipped, "sandbox layer skipped (best-effort)");
+        }
+        tracing::info!(
+            %user_id, worker_pid = pid, uid = report.uid, landlock_abi = ?report.landlock_abi,
+            seccomp = report.seccomp, cgroup = report.cgroup, setup_micros = report.setup_micros,
+            "worker confined and ready"
+        );
+
+        let (outbox, mut outgoing) = mpsc::unbounded_channel::<ToWorker>();
+        let worker = Arc::new(Worker {
+            user_id: user_id.to_owned(),
+            pid,
+            report,
+            outbox,
+            sessions: Mutex::new(HashMap::new()),
+            cgroup,
+            last_active: Mutex::new(Instant::now()),
+            exited: CancellationToken::new(),
+            cleaned: CancellationToken::new(),
+            cleanup_started: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (mut sink, mut frames) = framed.split::<Bytes>();
+        self.tasks.spawn(async move {
+            while let Some(message) = outgoing.recv().await {
+                let Ok(bytes) = serde_json::to_vec(&message) else { continue };
+                if sink.send(Bytes::from(bytes)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let reader = worker.clone();
+        self.tasks.spawn(async move {
+            while let Some(frame) = frames.next().await {
+                match frame
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice::<FromWorker>(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(message) => reader.dispatch(message),
+                    Err(error) => {
+                        // A broken or oversized frame ends this worker: its
+                        // stream can no longer be trusted.
+                        tracing::error!(user_id = %reader.user_id, %error, "bad frame from worker; stopping it");
+                        break;
+                    }
+                }
+            }
+            reader.exited.cancel();
+            let dead = reader.clone();
+            let _ = tokio::task::spawn_blocking(move || dead.mark_dead()).await;
+            let status = child.wait().await;
+            tracing::info!(user_id = %reader.user_id, ?status, "worker exited");
+        });
+        self.tasks.spawn(idle_watch(
+            worker.clone(),
+            Duration::from_secs(sandbox_cfg.worker_idle_timeout.max(1)),
+            self.shutdown.clone(),
+        ));
+        Ok(worker)
+    }
+
+    /// Stops every worker and kills everything they ran.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let workers: Vec<Arc<Worker>> = self.workers.lock().await.drain().map(|(_, w)| w).collect();
+        for worker in &workers {
+            worker.send(ToWorker::Shutdown);
+        }
+        for worker in workers {
+            let _ = tokio::time::timeout(Duration::from_secs(3), worker.exited.cancelled()).await;
+            let cleaned = worker.cleaned.clone();
+            let _ = tokio::task::spawn_blocking(move || worker.mark_dead()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), cleaned.cancelled()).await;
+        }
+        if let Some(cgroups) = self.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || cgroups.shutdown()).await;
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+}
+
+/// Stops a worker that has had no running process for `idle`.
+async fn idle_watch(worker: Arc<Worker>, idle: Duration, shutdown: CancellationToken) {
+    let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = worker.exited.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let idle_for = worker.last_active.lock().map(|t| t.elapsed()).unwrap_or_default();
+        if worker.running_sessions() == 0 && idle_for >= idle {
+            tracing::info!(user_id = %worker.user_id, "stopping idle worker");
+            worker.send(ToWorker::Shutdown);
+            return;
+        }
+    }
+}
+
+fn session_cgroup_name(session_id: &str) -> String {
+    format!("session-{session_id}")
+}
+
+/// The user's directory as the worker expects it: present, owned by the
+/// user's uid (privileged) with mode 0700, and a `.tmp` for TMPDIR.
+fn prepare_user_dir(user_dir: &Path, owner: Option<UserIds>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(user_dir)?;
+    let tmp = user_dir.join(".tmp");
+    if !tmp.exists() {
+        std::fs::create_dir(&tmp)?;
+    }
+    for dir in [user_dir, tmp.as_path()] {
+        if let Some(ids) = owner {
+            std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid))?;
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! The worker protocol: length-delimited frames (4-byte big-endian length,
+//! [`MAX_FRAME_LEN`] at most) carrying one JSON message each, over the
+//! socketpair the control plane hands the worker as fd 3.
+//!
+//! The control plane speaks first with [`ToWorker::Hello`] (protocol version
+//! and the worker's whole configuration, never on argv); the worker confines
+//! itself, then answers [`FromWorker::Ready`] with the same version, or
+//! [`FromWorker::Fatal`] and exits. After that, one worker serves every
+//! session of its user: each session-scoped frame names its session, and
+//! output lines carry a per-session sequence number so the control plane can
+//! detect loss.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change of the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts (a CLI output line can carry a whole
+/// tool result).
+pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
+
+/// The fd the worker finds its control socket on.
+pub const CONTROL_FD: i32 = 3;
+
+/// Control plane → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// First frame: the version and the worker's configuration.
+    Hello { version: u32, config: Box<WorkerConfig> },
+    /// Start the session's CLI process.
+    Start { session_id: String, spec: ProcessSpec },
+    /// Write `data` to the process's stdin as is (the caller adds `\n`).
+    Stdin { session_id: String, data: String },
+    /// Send a signal to the process's group (e.g. SIGINT).
+    Signal { session_id: String, signal: i32 },
+    /// Stop the process: SIGTERM to its group, SIGKILL after `grace_ms`.
+    Stop { session_id: String, grace_ms: u64 },
+    /// Stop every process and exit.
+    Shutdown,
+}
+
+/// Worker → control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// Confined and ready; what was applied.
+    Ready { version: u32, pid: u32, confinement: ConfinementReport },
+    /// The session's process runs.
+    Started { session_id: String, pid: u32 },
+    /// One line of the process's output (without the newline).
+    Output { session_id: String, seq: u64, stream: OutputStream, line: String },
+    /// The session's process ended; `seq` is the next sequence number, so
+    /// the receiver knows how many lines it should have seen.
+    Exited { session_id: String, seq: u64, code: Option<i32>, signal: Option<i32> },
+    /// Something failed for one session (or for the worker, without one).
+    Error { session_id: Option<String>, message: String },
+    /// The worker cannot go on (bad version, confinement failed) and exits.
+    Fatal { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// How to run one CLI process inside the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Must lie inside the worker's user directory.
+    pub cwd: PathBuf,
+    /// The whole environment (the worker starts from an empty one).
+    pub env: Vec<(String, String)>,
+}
+
+/// Everything a worker needs to confine itself and run its user's CLIs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    pub user_id: String,
+    /// `<base_dir>/<user_id>`: the only writable place.
+    pub user_dir: PathBuf,
+    /// The control plane's pid: after PDEATHSIG is set the worker checks its
+    /// parent is still this one.
+    pub parent_pid: u32,
+    /// Privileged mode: drop to this uid/gid (and clear every capability).
+    pub drop_to: Option<UserIds>,
+    pub landlock: LandlockConfig,
+    pub seccomp: SeccompConfig,
+    pub rlimits: Rlimits,
+    /// `cgroup.procs` files to join (one per v1 hierarchy, or one for v2).
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Layers allowed to be missing (logged in the report) instead of
+    /// stopping the worker.
+    pub best_effort: BestEffort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LandlockConfig {
+    pub enabled: bool,
+    /// Refuse to run on a kernel whose Landlock ABI is older.
+    pub min_abi: u8,
+    /// Readable (and executable) paths: system directories, the CLI's install.
+    pub read_only: Vec<PathBuf>,
+    /// Device files that must be writable (`/dev/null`, ...).
+    pub read_write_files: Vec<PathBuf>,
+    /// TCP ports connect() may reach; binding is never allowed.
+    pub tcp_connect_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeccompConfig {
+    pub enabled: bool,
+    /// Also refuse UDP sockets.
+    pub deny_udp: bool,
+    /// Allow `socket(AF_UNIX)` (connecting to host sockets); socketpair is
+    /// always allowed.
+    pub allow_unix_sockets: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimits {
+    pub nofile: u64,
+    /// Largest file a process may write, bytes.
+    pub fsize: u64,
+    /// Data segment (heap), bytes.
+    pub data: u64,
+    /// Processes of the uid; applied only with a per-user uid.
+    pub nproc: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BestEffort {
+    pub landlock: bool,
+    pub seccomp: bool,
+    pub cgroup: bool,
+    pub privileges: bool,
+}
+
+/// What the worker applied, for the control plane's log and `/health`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfinementReport {
+    pub uid: u32,
+    pub gid: u32,
+    pub landlock_abi: Option<u8>,
+    pub landlock_enforced: bool,
+    pub seccomp: bool,
+    pub cgroup: bool,
+    pub no_new_privs: bool,
+    /// Layers that could not be applied (best-effort only).
+    pub skipped: Vec<String>,
+    /// Microseconds from the worker's start to the end of confinement.
+    pub setup_micros: u64,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLong(usize),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Blocking read of one frame, for the worker before it starts its runtime.
+pub fn read_frame_blocking<T: for<'de> Deserialize<'de>>(reader: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Blocking write of one frame (same format as `LengthDelimitedCodec`).
+pub fn write_frame_blocking<T: Serialize>(writer: &mut impl Write, message: &T) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(message)?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong(body.len()));
+    }
+    writer.write_all(&(body.len() as u32).to_be_bytes())?;
+    writer.write_all(&body)?;
+    writer.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversized_ones_are_refused() {
+        let message = FromWorker::Output {
+            session_id: "s1".into(),
+            seq: 7,
+            stream: OutputStream::Stdout,
+            line: "{\"type\":\"result\"}".into(),
+        };
+        let mut buffer = Vec::new();
+        write_frame_blocking(&mut buffer, &message).expect("write");
+        assert_eq!(&buffer[..4], &((buffer.len() - 4) as u32).to_be_bytes());
+        let read: FromWorker = read_frame_blocking(&mut buffer.as_slice()).expect("read");
+        assert_eq!(read, message);
+
+        let mut huge = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(matches!(read_frame_blocking::<FromWorker>(&mut huge.as_slice()), Err(FrameError::TooLong(_))));
+        let mut garbage = 3u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"{x]");
+        assert!(matches!(read_frame_blocking::<FromWorker>(&mut garbage.as_slice()), Err(FrameError::Json(_))));
+    }
+}

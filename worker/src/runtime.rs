@@ -1,0 +1,333 @@
+//! The confined worker's event loop: one current-thread runtime (a single
+//! thread, so PDEATHSIG of every CLI refers to a thread that lives as long
+//! as the worker) serving the control socket.
+//!
+//! Each session's CLI runs in its own process group, with PDEATHSIG, an
+//! environment built from scratch and piped stdio. Its output lines go back
+//! as `Output` frames numbered per session; `Exited` carries the next number
+//! so the control plane can tell whether it saw every line.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use shared::protocol::{FromWorker, MAX_FRAME_LEN, OutputStream, ProcessSpec, ToWorker, WorkerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio_util::bytes::Bytes;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// Longest output line relayed (room left for the frame's JSON envelope).
+const MAX_LINE: usize = MAX_FRAME_LEN - 64 * 1024;
+
+/// How long output is still relayed after the CLI exited.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+type Outbox = mpsc::UnboundedSender<FromWorker>;
+
+/// A running CLI process of one session.
+struct Running {
+    pgid: i32,
+    stdin: mpsc::UnboundedSender<String>,
+}
+
+pub fn run(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(serve(control, config))
+}
+
+async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<()> {
+    control.set_nonblocking(true)?;
+    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_LEN).new_codec();
+    let (mut sink, mut frames) = Framed::new(UnixStream::from_std(control)?, codec).split::<Bytes>();
+    let (outbox, mut outgoing) = mpsc::unbounded_channel::<FromWorker>();
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outgoing.recv().await {
+            let Ok(bytes) = serde_json::to_vec(&message) else { continue };
+            if sink.send(Bytes::from(bytes)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (exits, mut exited) = mpsc::unbounded_channel::<String>();
+    let mut running: HashMap<String, Running> = HashMap::new();
+    let mut reap = tokio::time::interval(Duration::from_secs(1));
+
+    loop {
+        tokio::select! {
+            frame = frames.next() => {
+                let message = match frame {
+                    Some(Ok(bytes)) => serde_json::from_slice::<ToWorker>(&bytes),
+                    // The control plane is gone or spoke nonsense: stop everything.
+                    Some(Err(error)) => {
+                        report(&outbox, None, format!("control socket: {error}"));
+                        break;
+                    }
+                    None => break,
+                };
+                match message {
+                    Ok(ToWorker::Shutdown) => break,
+                    Ok(message) => handle(message, &config, &mut running, &outbox, &exits),
+                    Err(error) => report(&outbox, None, format!("malformed frame ignored: {error}")),
+                }
+            }
+            Some(session_id) = exited.recv() => {
+                running.remove(&session_id);
+            }
+            _ = reap.tick() => reap_orphans(&running.values().map(|p| p.pgid).collect::<Vec<_>>()),
+        }
+    }
+    for process in running.values() {
+        signal_group(process.pgid, libc::SIGKILL);
+    }
+    kill_descendants();
+    drop(outbox);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    Ok(())
+}
+
+fn report(outbox: &Outbox, session_id: Option<&str>, message: String) {
+    let _ = outbox.send(FromWorker::Error { session_id: session_id.map(str::to_owned), message });
+}
+
+fn handle(
+    message: ToWorker,
+    config: &WorkerConfig,
+    running: &mut HashMap<String, Running>,
+    outbox: &Outbox,
+    exits: &mpsc::UnboundedSender<String>,
+) {
+    match message {
+        ToWorker::Start { session_id, spec } => {
+            if running.contains_key(&session_id) {
+                report(outbox, Some(&session_id), "a process already runs for this session".into());
+                return;
+            }
+            match start(&session_id, spec, config, outbox, exits) {
+                Ok(process) => {
+                    running.insert(session_id, process);
+                }
+                Err(error) => report(outbox, Some(&session_id), format!("cannot start the CLI: {error}")),
+            }
+        }
+        ToWorker::Stdin { session_id, data } => match running.get(&session_id) {
+            Some(process) => {
+                let _ = process.stdin.send(data);
+            }
+            None => report(outbox, Some(&session_id), "no process runs for this session".into()),
+        },
+        ToWorker::Signal { session_id, signal } => match running.get(&session_id) {
+            Some(process) => signal_group(process.pgid, signal),
+            None => report(outbox, Some(&session_id), "no process runs for this session".into()),
+        },
+        ToWorker::Stop { session_id, grace_ms } => {
+            if let Some(process) = running.get(&session_id) {
+                let pgid = process.pgid;
+                signal_group(pgid, libc::SIGTERM);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+                    signal_group(pgid, libc::SIGKILL);
+                });
+            }
+        }
+        ToWorker::Hello { .. } => report(outbox, None, "unexpected second hello".into()),
+        ToWorker::Shutdown => {}
+    }
+}
+
+/// Starts one session's CLI and the tasks that relay it.
+fn start(
+    session_id: &str,
+    spec: ProcessSpec,
+    config: &WorkerConfig,
+    outbox: &Outbox,
+    exits: &mpsc::UnboundedSender<String>,
+) -> std::io::Result<Running> {
+    // Landlock enforces this too; refusing early gives a clear message.
+    let cwd = std::fs::canonicalize(&spec.cwd)?;
+    if !cwd.starts_with(&config.user_dir) {
+        return Err(std::io::Error::other(format!("{} is outside the user's directory", cwd.display())));
+    }
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // Only an async-signal-safe syscall between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id().ok_or_else(|| std::io::Error::other("the CLI exited at once"))?;
+    let _ = outbox.send(FromWorker::Started { session_id: session_id.to_owned(), pid });
+
+    let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
+    if let Some(stdin) = child.stdin.take() {
+        tokio::spawn(feed_stdin(stdin, stdin_rx));
+    }
+    tokio::spawn(supervise(session_id.to_owned(), child, outbox.clone(), exits.clone()));
+    Ok(Running { pgid: pid as i32, stdin: stdin_tx })
+}
+
+async fn feed_stdin(mut stdin: ChildStdin, mut lines: mpsc::UnboundedReceiver<String>) {
+    while let Some(data) = lines.recv().await {
+        if stdin.write_all(data.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Relays both output streams, then reports the exit after the last line.
+async fn supervise(session_id: String, mut child: Child, outbox: Outbox, exits: mpsc::UnboundedSender<String>) {
+    let seq = Arc::new(AtomicU64::new(0));
+    let status = relay_until_exit(&session_id, &mut child, &seq, &outbox).await;
+    use std::os::unix::process::ExitStatusExt;
+    let (code, signal) = match status {
+        Ok(status) => (status.code(), status.signal()),
+        Err(_) => (None, None),
+    };
+    let _ = outbox.send(FromWorker::Exited {
+        session_id: session_id.clone(),
+        seq: seq.load(Ordering::SeqCst),
+        code,
+        signal,
+    });
+    let _ = exits.send(session_id);
+}
+
+/// Relays the CLI's output until it has exited (and its output drained).
+async fn relay_until_exit(
+    session_id: &str,
+    child: &mut Child,
+    seq: &AtomicU64,
+    outbox: &Outbox,
+) -> std::io::Result<std::process::ExitStatus> {
+    let stdout = child.stdout.take().map(|s| relay(s, OutputStream::Stdout, session_id, seq, outbox));
+    let stderr = child.stderr.take().map(|s| relay(s, OutputStream::Stderr, session_id, seq, outbox));
+    let relays = async {
+        tokio::join!(opt(stdout), opt(stderr));
+    };
+    tokio::pin!(relays);
+    let mut relayed = false;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            () = &mut relays, if !relayed => relayed = true,
+        }
+    };
+    // A daemon the CLI left may hold its pipes open forever: once the CLI
+    // has exited, its remaining output gets a moment, not a wait for EOF.
+    if !relayed {
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, &mut relays).await;
+    }
+    status
+}
+
+async fn opt(future: Option<impl std::future::Future<Output = ()>>) {
+    if let Some(future) = future {
+        future.await;
+    }
+}
+
+/// Sends each line of `reader` as an `Output` frame; a line longer than
+/// [`MAX_LINE`] is dropped with an `Error` frame instead of breaking the
+/// protocol.
+async fn relay(
+    reader: impl AsyncRead + Unpin,
+    stream: OutputStream,
+    session_id: &str,
+    seq: &AtomicU64,
+    outbox: &Outbox,
+) {
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let read = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await;
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') && line.len() > MAX_LINE {
+            report(outbox, Some(session_id), format!("{stream:?} line longer than {MAX_LINE} bytes dropped"));
+            // Skip the rest of the oversized line.
+            let mut rest = Vec::new();
+            if reader.read_until(b'\n', &mut rest).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(&line).into_owned();
+        let seq = seq.fetch_add(1, Ordering::SeqCst);
+        let _ = outbox.send(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line: text });
+    }
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    if pgid > 1 {
+        unsafe { libc::kill(-pgid, signal) };
+    }
+}
+
+/// Children of this worker according to /proc (orphans reparented to us as
+/// subreaper included).
+fn children() -> Vec<(i32, char)> {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+            // Fields after the command's closing parenthesis: state, ppid.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            (fields.next()? == me).then_some((pid, state))
+        })
+        .collect()
+}
+
+/// Reaps zombie orphans (daemons whose parent died), never one of the CLIs
+/// in `keep`: tokio waits for those itself.
+fn reap_orphans(keep: &[i32]) {
+    for (pid, state) in children() {
+        if state == 'Z' && !keep.contains(&pid) {
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
+    }
+}
+
+/// Kills every descendant, daemons included (they were reparented to us).
+fn kill_descendants() {
+    for _ in 0..50 {
+        let live: Vec<i32> = children().into_iter().filter(|(_, s)| *s != 'Z').map(|(p, _)| p).collect();
+        if live.is_empty() {
+            return;
+        }
+        for pid in live {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        reap_orphans(&[]);
+    }
+}
