@@ -166,6 +166,10 @@ async fn red_team(run_as: Option<u32>) {
         serde_json::to_string_pretty(&failed).unwrap_or_default()
     );
     assert!(checks.len() >= 40, "the probe ran only {} checks", checks.len());
+    // The evidence for the table (visible with --nocapture).
+    for check in checks {
+        eprintln!("{:?} | {} | {} | {}", run_as, check["name"], check["outcome"], check["detail"]);
+    }
     assert!(std::fs::read_to_string(&secret).expect("secret") == "bob's secret");
     assert!(!bob_dir.join("pwned.txt").exists());
     let alice_uid = report["uid"].as_u64().expect("uid");

@@ -149,6 +149,19 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
     assert!(stdout.contains("max_concurrent_requests: 9"), "{stdout}");
 }
 
+#[test]
+fn the_shipped_config_yaml_documents_exactly_the_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.yaml");
+    let empty = dir.path().join("empty.yaml");
+    std::fs::write(&empty, "").expect("write");
+    let (code, from_shipped, err) =
+        run_cli(&["--config", shipped.to_str().expect("utf-8"), "check-config"], &[], dir.path());
+    assert_eq!(code, 0, "{err}");
+    let (_, defaults, _) = run_cli(&["--config", empty.to_str().expect("utf-8"), "check-config"], &[], dir.path());
+    assert_eq!(from_shipped, defaults, "config.yaml and the built-in defaults differ");
+}
+
 #[tokio::test]
 async fn admin_subcommands_manage_the_same_store_as_the_server() {
     let server = TestServer::start().await;
