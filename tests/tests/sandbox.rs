@@ -30,10 +30,25 @@ fn model_port() -> u16 {
 }
 
 fn sandbox_yaml(model_port: u16) -> String {
+    sandbox_yaml_idle(model_port, 60)
+}
+
+fn sandbox_yaml_idle(model_port: u16, idle_secs: u64) -> String {
     format!(
         "sandbox:\n  allowed_tcp_ports: [{model_port}]\n  memory_mb: 256\n  pids: 64\n  rlimit_fsize_mb: 8\n  \
-         rlimit_data_mb: 1024\n  worker_idle_timeout: 60\n"
+         rlimit_data_mb: 1024\n  worker_idle_timeout: {idle_secs}\n"
     )
+}
+
+/// Waits up to 10 s for `done`.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Owner of the user's files: their uid (privileged) or the server's.
@@ -256,6 +271,34 @@ async fn no_process_outlives_the_server() {
         }
         assert!(gone, "worker {worker} or CLI {probe} survived the server (graceful: {graceful})");
     }
+}
+
+/// A worker killed by `kill -9` takes its CLIs along and the next session
+/// gets a fresh one; a worker without running CLIs stops after its idle time.
+#[tokio::test]
+async fn crashed_workers_are_replaced_and_idle_ones_stop() {
+    let server = TestServer::start_with(ServerConfig::default().yaml(&sandbox_yaml_idle(model_port(), 1))).await;
+    let alice = server.user_with_token("alice").await;
+    let (_, report) = run_probe(&server, &alice, "alice", "probe", &json!({})).await;
+    let probe = report["pid"].as_u64().expect("pid");
+    let daemon = report["daemon_pid"].as_u64().expect("daemon");
+    let worker = parent_of(probe);
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert!(
+        eventually(|| !alive(worker) && !alive(probe) && !alive(daemon)).await,
+        "the crashed worker's CLI ({probe}) or daemon ({daemon}) survived"
+    );
+
+    let (_, report) = run_probe(&server, &alice, "alice", "probe2", &json!({})).await;
+    let replacement = parent_of(report["pid"].as_u64().expect("pid"));
+    assert_ne!(replacement, worker);
+    assert!(alive(replacement));
+
+    for id in server.get("/api/v1/sessions", &alice).await.body.as_array().expect("ids") {
+        let reply = server.delete(&format!("/api/v1/sessions/{}", id.as_str().expect("id")), &alice).await;
+        assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    }
+    assert!(eventually(|| !alive(replacement)).await, "the idle worker {replacement} was not stopped");
 }
 
 /// A layer that cannot be applied stops the worker and the API says so.

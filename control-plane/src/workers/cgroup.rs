@@ -1639,15 +1639,7 @@ mod tests {
             );
         }
         let victim = cleanup.0.iter_mut().find(|c| c.id() == victim_pid).expect("victim");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            if let Some(status) = victim.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the stale subtree's process survived");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(status.signal(), Some(9));
+        assert_sigkilled(victim, "the stale subtree's process survived");
         drop(fx);
 
         let _ = cleanup.0[1].kill();
@@ -1829,15 +1821,7 @@ mod tests {
         assert!(read_list(&own.join("cgroup.subtree_control")).is_empty());
         assert!(!own.join(&name).exists());
         let worker = restore.children.iter_mut().find(|c| c.id() == worker_pid).expect("worker");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            if let Some(status) = worker.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "shutdown left the worker running");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert_eq!(status.signal(), Some(9));
+        assert_sigkilled(worker, "shutdown left the worker running");
 
         // 2. Another process shares the own cgroup: after a bounded wait the server moves back and
         //    the manager runs kill-only.
@@ -1855,5 +1839,18 @@ mod tests {
         assert!(read_list(&own.join("cgroup.subtree_control")).is_empty());
         manager.shutdown();
         assert!(!own.join(&name).exists());
+    }
+
+    /// Waits up to 5 s for `child` to end and asserts SIGKILL ended it.
+    fn assert_sigkilled(child: &mut std::process::Child, survived: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{survived}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.signal(), Some(9));
     }
 }
