@@ -155,6 +155,8 @@ conformance!(
     set_session_status,
     touch_session,
     concurrent_touches_are_atomic,
+    record_turn_adds_usage,
+    assign_uid_allocates_once,
     expire_idle_sessions,
 );
 
@@ -932,6 +934,57 @@ mod cases {
         assert_eq!(get_session(store, "s-deleted").await, deleted);
         assert!(!store.touch_session("unknown", at, 1).await.expect("touch unknown"));
         assert_eq!(store.get_session("unknown").await.expect("get"), None);
+    }
+
+    pub async fn record_turn_adds_usage(store: &dyn Store) {
+        let t = base();
+        let start = Session { message_count: 2, ..session("s-1", "alice", t, SessionStatus::Active) };
+        store.create_session(&start).await.expect("create");
+        let turn = UsageTotals {
+            input_tokens: 10,
+            output_tokens: 20,
+            cache_read_tokens: 3,
+            cache_creation_tokens: 4,
+            total_cost_usd: 0.25,
+        };
+        let at = t + TimeDelta::seconds(5);
+        assert!(store.record_turn("s-1", at, &turn).await.expect("turn 1"));
+        assert!(store.record_turn("s-1", at + TimeDelta::seconds(1), &turn).await.expect("turn 2"));
+        let got = get_session(store, "s-1").await;
+        assert_eq!(got.message_count, 4);
+        assert_eq!(got.last_active_at, at + TimeDelta::seconds(1));
+        assert_eq!(
+            (
+                got.usage.input_tokens,
+                got.usage.output_tokens,
+                got.usage.cache_read_tokens,
+                got.usage.cache_creation_tokens
+            ),
+            (
+                start.usage.input_tokens + 20,
+                start.usage.output_tokens + 40,
+                start.usage.cache_read_tokens + 6,
+                start.usage.cache_creation_tokens + 8
+            )
+        );
+        assert!((got.usage.total_cost_usd - (start.usage.total_cost_usd + 0.5)).abs() < 1e-9);
+        store.set_session_status("s-1", SessionStatus::Deleted, at).await.expect("delete");
+        assert!(!store.record_turn("s-1", at, &turn).await.expect("deleted"));
+        assert!(!store.record_turn("unknown", at, &turn).await.expect("unknown"));
+    }
+
+    pub async fn assign_uid_allocates_once(store: &dyn Store) {
+        for name in ["alice", "bob", "carol"] {
+            store.create_user(&user(name, Role::User, base(), None)).await.expect("create");
+        }
+        let range = (200_000, 200_001);
+        let alice = store.assign_uid("alice", range).await.expect("alice");
+        assert_eq!(alice, Some(200_000));
+        assert_eq!(store.assign_uid("alice", range).await.expect("again"), alice, "allocated once");
+        assert_eq!(store.assign_uid("bob", range).await.expect("bob"), Some(200_001));
+        assert!(matches!(store.assign_uid("carol", range).await, Err(StoreError::Unavailable(_))), "range exhausted");
+        assert_eq!(store.assign_uid("nobody", range).await.expect("unknown"), None);
+        assert_eq!(store.get_user("bob").await.expect("get").and_then(|u| u.uid), Some(200_001));
     }
 
     pub async fn concurrent_touches_are_atomic(store: &dyn Store) {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{ApiToken, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, User};
+use super::{ApiToken, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, UsageTotals, User};
 use crate::config::StorageKind;
 
 #[derive(Debug, Default)]
@@ -207,6 +207,23 @@ impl Store for MemoryStore {
             Some(session) if session.status != SessionStatus::Deleted => {
                 session.last_active_at = at;
                 session.message_count += messages;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn record_turn(&self, session_id: &str, at: DateTime<Utc>, usage: &UsageTotals) -> StoreResult<bool> {
+        self.with(|s| match s.sessions.get_mut(session_id) {
+            Some(session) if session.status != SessionStatus::Deleted => {
+                session.last_active_at = at;
+                session.message_count += 1;
+                let totals = &mut session.usage;
+                totals.input_tokens += usage.input_tokens;
+                totals.output_tokens += usage.output_tokens;
+                totals.cache_read_tokens += usage.cache_read_tokens;
+                totals.cache_creation_tokens += usage.cache_creation_tokens;
+                totals.total_cost_usd += usage.total_cost_usd;
                 true
             }
             _ => false,

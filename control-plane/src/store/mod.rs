@@ -289,6 +289,9 @@ pub trait Store: Send + Sync + 'static {
     -> StoreResult<bool>;
     /// Records activity: `last_active_at = at`, `message_count += messages`.
     async fn touch_session(&self, session_id: &str, at: DateTime<Utc>, messages: i64) -> StoreResult<bool>;
+    /// Records a finished chat turn: `last_active_at = at`, one more
+    /// message, `usage` added to the totals. False if absent or deleted.
+    async fn record_turn(&self, session_id: &str, at: DateTime<Utc>, usage: &UsageTotals) -> StoreResult<bool>;
     /// Marks active sessions idle since before `cutoff` as expired; returns
     /// their ids.
     async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>>;

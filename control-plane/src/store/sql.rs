@@ -441,6 +441,31 @@ macro_rules! impl_sql_store {
                 Ok(result.rows_affected() > 0)
             }
 
+            async fn record_turn(
+                &self,
+                session_id: &str,
+                at: chrono::DateTime<chrono::Utc>,
+                usage: &$crate::store::UsageTotals,
+            ) -> $crate::store::StoreResult<bool> {
+                let result = sqlx::query(
+                    "UPDATE sessions SET last_active_at = $1, message_count = message_count + 1, \
+                       input_tokens = input_tokens + $2, output_tokens = output_tokens + $3, \
+                       cache_read_tokens = cache_read_tokens + $4, \
+                       cache_creation_tokens = cache_creation_tokens + $5, total_cost_usd = total_cost_usd + $6 \
+                     WHERE session_id = $7 AND status <> 'deleted'",
+                )
+                .bind(at)
+                .bind(usage.input_tokens)
+                .bind(usage.output_tokens)
+                .bind(usage.cache_read_tokens)
+                .bind(usage.cache_creation_tokens)
+                .bind(usage.total_cost_usd)
+                .bind(session_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() > 0)
+            }
+
             async fn expire_idle_sessions(
                 &self,
                 cutoff: chrono::DateTime<chrono::Utc>,

@@ -302,6 +302,17 @@ impl Supervisor {
         Ok(receiver)
     }
 
+    /// A new receiver of a running session process's events; `None` when no
+    /// process runs for the session.
+    pub async fn subscribe(&self, user_id: &str, session_id: &str) -> Option<broadcast::Receiver<ProcessEvent>> {
+        let worker = self.worker(user_id).await?;
+        if worker.exited.is_cancelled() {
+            return None;
+        }
+        let sessions = worker.sessions.lock().ok()?;
+        sessions.get(session_id).map(|slot| slot.events.subscribe())
+    }
+
     /// Writes to a session's CLI stdin.
     pub async fn write_stdin(&self, user_id: &str, session_id: &str, data: String) -> bool {
         match self.worker(user_id).await {
