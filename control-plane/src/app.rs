@@ -37,6 +37,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub user_dirs: UserDirs,
     pub supervisor: Arc<Supervisor>,
+    /// One chat turn per session at a time.
+    pub turns: crate::chat::TurnLocks,
     pub started: Instant,
     /// Serialises "count open sessions, then insert" so two concurrent
     /// creates cannot both take the last slot.
@@ -102,6 +104,7 @@ impl App {
             store,
             user_dirs,
             supervisor,
+            turns: crate::chat::TurnLocks::default(),
             started: Instant::now(),
             admission: tokio::sync::Mutex::new(()),
         }));

@@ -73,6 +73,12 @@ pub enum ApiError {
     /// The server is at capacity or a dependency is down.
     #[error("{message}")]
     Unavailable { message: String, retry_after_secs: u64 },
+    /// The CLI or its worker failed during the request.
+    #[error("{0}")]
+    BadGateway(String),
+    /// The CLI did not finish within the request's timeout.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,6 +110,8 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +129,8 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Unavailable { .. } => "unavailable",
+            Self::BadGateway(_) => "cli_failed",
+            Self::GatewayTimeout(_) => "timeout",
             Self::Internal(_) => "internal_error",
         }
     }

@@ -20,6 +20,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::app::AppState;
 use crate::auth;
 
+pub mod chat;
 pub mod error;
 pub mod extract;
 pub mod sessions;
@@ -38,6 +39,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         root, health,
         sessions::create_session, sessions::list_sessions, sessions::get_session,
         sessions::delete_session, sessions::resume_session,
+        chat::chat, chat::chat_stream, chat::interrupt,
         users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
         users::create_token, users::list_tokens, users::delete_token,
     ),
@@ -45,6 +47,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Sessions of the Claude CLI"),
+        (name = "chat", description = "Chat turns, sync and streamed"),
         (name = "users", description = "Users and API tokens"),
         (name = "service", description = "Service information"),
     )
@@ -68,6 +71,9 @@ pub fn router(state: AppState) -> Router {
         .route("/sessions", post(sessions::create_session).get(sessions::list_sessions))
         .route("/sessions/{session_id}", get(sessions::get_session).delete(sessions::delete_session))
         .route("/sessions/{session_id}/resume", post(sessions::resume_session))
+        .route("/sessions/{session_id}/interrupt", post(chat::interrupt))
+        .route("/chat", post(chat::chat))
+        .route("/chat/stream", post(chat::chat_stream))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{user_id}", get(users::get_user).delete(users::delete_user))
         .route("/users/{user_id}/tokens", post(users::create_token).get(users::list_tokens))

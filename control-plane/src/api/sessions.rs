@@ -21,12 +21,12 @@ use super::error::{ApiError, ErrorBody, FieldError};
 use super::extract::{ApiJson, ApiQuery, Validate};
 use crate::app::AppState;
 use crate::auth::Principal;
+use crate::chat;
 use crate::config::{PERMISSION_MODES, SandboxMode, SessionDefaults};
 use crate::store::{
     self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User,
 };
 use crate::userdir::UserDirError;
-use crate::workers::sandbox;
 
 /// Largest `max_turns` a session may ask for.
 const MAX_TURNS_LIMIT: u32 = 10_000;
@@ -386,9 +386,7 @@ pub async fn create_session(
     }
     // The session's CLI starts now in the user's confined worker; a sandbox
     // that cannot be set up fails the create (503), leaving no session.
-    let spec =
-        sandbox::cli_spec(&state.config, &session, &state.user_dirs.base_path().join(&owner), dir_owner.is_some());
-    if let Err(error) = state.supervisor.start_process(&owner, &session.session_id, spec).await {
+    if let Err(error) = chat::start_cli(&state, &session).await {
         state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await?;
         tracing::error!(session_id = %session.session_id, user_id = %owner, %error, "session not started");
         return Err(ApiError::Unavailable { message: error.to_string(), retry_after_secs: 5 });
@@ -462,6 +460,7 @@ pub async fn delete_session(
         return Err(ApiError::session_not_found());
     }
     state.supervisor.stop_process(&session.user_id, &session.session_id, STOP_GRACE).await;
+    state.turns.forget(&session.session_id);
     tracing::info!(session_id = %session.session_id, user_id = %session.user_id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -161,12 +161,23 @@ pub fn worker_config(
 /// options, an environment built from scratch. No secret goes in: argv is
 /// readable by every process through `/proc`, and anything in the
 /// environment is readable by the user's own agent.
-pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged: bool) -> ProcessSpec {
+///
+/// `resume`: the conversation exists (earlier turns), continue it with
+/// `--resume`; else start it under our own id with `--session-id`.
+pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged: bool, resume: bool) -> ProcessSpec {
     let options = &session.options;
-    let mut args: Vec<String> =
-        ["--print", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose", "--session-id"]
-            .map(String::from)
-            .into();
+    let mut args: Vec<String> = [
+        "--print",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+        if resume { "--resume" } else { "--session-id" },
+    ]
+    .map(String::from)
+    .into();
     args.push(session.cli_session_id.clone().unwrap_or_else(|| session.session_id.clone()));
     let mut flag = |name: &str, value: Option<String>| {
         if let Some(value) = value {
@@ -204,6 +215,9 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
     if let Some(url) = &config.anthropic.base_url {
         env.push(("ANTHROPIC_BASE_URL".to_owned(), url.clone()));
     }
+    // The operator's key never enters a sandbox: the CLI gets a random
+    // credential of its own (the model proxy maps it to the real one).
+    env.push(("ANTHROPIC_API_KEY".to_owned(), format!("cah-session-{}", uuid::Uuid::new_v4().simple())));
     if let Some(model) = &config.anthropic.model {
         env.push(("ANTHROPIC_MODEL".to_owned(), model.clone()));
     }

@@ -1,0 +1,331 @@
+//! `POST /api/v1/chat` (sync), `POST /api/v1/chat/stream` (SSE) and
+//! `POST /api/v1/sessions/{id}/interrupt`.
+//!
+//! Seed-compatible: the same body, the same sync response (with
+//! `tool_calls` really filled and the turn's messages, cost and usage
+//! added), the same SSE frames (`data:` JSON with `type`, `text`,
+//! `tool_name`, `tool_input`, `error`) with the seed's gaps fixed: text
+//! streams as the model produces it, `tool_use` and `tool_result` are sent,
+//! every event has an `id:`, and an unknown or busy session is a 404/429
+//! before the stream starts. A client that goes away does not stop the turn.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody, FieldError};
+use super::extract::{ApiJson, Validate};
+use super::sessions::visible_session;
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::chat::{self, TurnError, TurnOutcome};
+use crate::store::{self, Session, SessionStatus};
+
+const MAX_MESSAGE_CHARS: usize = 100_000;
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+fn default_timeout() -> u64 {
+    120
+}
+
+/// Body of both chat routes (the seed's).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub session_id: String,
+    /// 1–100,000 characters, not blank.
+    pub message: String,
+    /// Seconds the turn may take (1–600, default 120); then it is
+    /// interrupted and the request answers 504.
+    #[serde(default = "default_timeout")]
+    pub timeout: u64,
+}
+
+impl Validate for ChatRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if shared::names::validate_session_id(&self.session_id).is_err() {
+            errors.push(FieldError::new(
+                "string_pattern_mismatch",
+                ["body".into(), "session_id".into()],
+                "String should match pattern '^[a-zA-Z0-9_-]+$' (1-200 characters)",
+                self.session_id.as_str().into(),
+            ));
+        }
+        let chars = self.message.chars().count();
+        if self.message.trim().is_empty() || chars > MAX_MESSAGE_CHARS {
+            errors.push(FieldError::body(
+                "message",
+                format!("must be 1-{MAX_MESSAGE_CHARS} characters and not blank"),
+                Value::Null,
+            ));
+        }
+        if !(1..=600).contains(&self.timeout) {
+            errors.push(FieldError::body("timeout", "must be between 1 and 600", self.timeout.into()));
+        }
+        errors
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub tool: String,
+    #[schema(value_type = Object)]
+    pub input: Value,
+}
+
+/// The seed's response plus the whole turn.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatResponse {
+    pub session_id: String,
+    /// The turn's final text.
+    pub text: String,
+    /// Every tool call of the turn.
+    pub tool_calls: Vec<ToolCall>,
+    pub timestamp: DateTime<Utc>,
+    /// The result's subtype (`success`, `error_max_turns`, ...).
+    pub subtype: Option<String>,
+    pub is_error: bool,
+    pub total_cost_usd: f64,
+    #[schema(value_type = Object)]
+    pub usage: Value,
+    pub duration_ms: Option<u64>,
+    pub num_turns: Option<u64>,
+    /// Every message the CLI wrote during the turn.
+    #[schema(value_type = Vec<Object>)]
+    pub messages: Vec<Value>,
+}
+
+fn session_gone() -> ApiError {
+    ApiError::NotFound("Session not found or expired".into())
+}
+
+fn busy() -> ApiError {
+    ApiError::TooManyRequests { message: "Session is busy processing another request".into(), retry_after_secs: 1 }
+}
+
+/// The session a chat may use: visible, not deleted, not expired.
+async fn chat_session(state: &AppState, principal: &Principal, session_id: &str) -> Result<Session, ApiError> {
+    let session = visible_session(state, principal, session_id).await.map_err(|_| session_gone())?;
+    if session.status != SessionStatus::Active {
+        return Err(session_gone());
+    }
+    Ok(session)
+}
+
+fn turn_error(error: TurnError) -> ApiError {
+    match error {
+        TurnError::Timeout(secs) => {
+            ApiError::GatewayTimeout(format!("No result within {secs} s; the turn was interrupted"))
+        }
+        TurnError::Sandbox(e) => ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 },
+        other => ApiError::BadGateway(other.to_string()),
+    }
+}
+
+/// Every `tool_use` block of the turn's assistant messages.
+fn tool_calls(messages: &[Value]) -> Vec<ToolCall> {
+    messages
+        .iter()
+        .filter(|m| m["type"] == "assistant")
+        .flat_map(|m| m["message"]["content"].as_array().cloned().unwrap_or_default())
+        .filter(|block| block["type"] == "tool_use")
+        .map(|block| ToolCall {
+            tool: block["name"].as_str().unwrap_or_default().to_owned(),
+            input: block["input"].clone(),
+        })
+        .collect()
+}
+
+/// Records the turn in the store (count, activity, usage).
+async fn record(state: &AppState, session: &Session, outcome: &TurnOutcome) {
+    if let Err(e) = state.store.record_turn(&session.session_id, store::now(), &outcome.usage()).await {
+        tracing::warn!(session_id = %session.session_id, error = %e, "cannot record the turn");
+    }
+}
+
+/// Send a message and wait for the whole turn.
+#[utoipa::path(
+    post, path = "/api/v1/chat", tag = "chat", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The turn's result", body = ChatResponse),
+        (status = 404, description = "Session not found or expired", body = ErrorBody),
+        (status = 422, description = "Validation error", body = ErrorBody),
+        (status = 429, description = "A turn already runs in this session", body = ErrorBody),
+        (status = 502, description = "The CLI failed during the turn", body = ErrorBody),
+        (status = 503, description = "The sandbox could not be started", body = ErrorBody),
+        (status = 504, description = "No result within `timeout`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn chat(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Json<ChatResponse>, ApiError> {
+    let session = chat_session(&state, &principal, &request.session_id).await?;
+    let _turn = state.turns.try_lock(&session.session_id).ok_or_else(busy)?;
+    let outcome = chat::run_turn(&state, &session, &request.message, Duration::from_secs(request.timeout), |_| {})
+        .await
+        .map_err(turn_error)?;
+    record(&state, &session, &outcome).await;
+    let result = &outcome.result;
+    Ok(Json(ChatResponse {
+        session_id: session.session_id.clone(),
+        text: result["result"].as_str().unwrap_or_default().to_owned(),
+        tool_calls: tool_calls(&outcome.messages),
+        timestamp: store::now(),
+        subtype: result["subtype"].as_str().map(str::to_owned),
+        is_error: result["is_error"].as_bool().unwrap_or(false),
+        total_cost_usd: result["total_cost_usd"].as_f64().unwrap_or(0.0),
+        usage: result["usage"].clone(),
+        duration_ms: result["duration_ms"].as_u64(),
+        num_turns: result["num_turns"].as_u64(),
+        messages: outcome.messages,
+    }))
+}
+
+/// One SSE frame in the seed's shape: every key present, unused ones null.
+fn frame(kind: &str, text: Option<&str>, tool: Option<(&str, &Value)>, error: Option<&str>, raw: &Value) -> Value {
+    json!({
+        "type": kind,
+        "text": text,
+        "tool_name": tool.map(|t| t.0),
+        "tool_input": tool.map(|t| t.1),
+        "error": error,
+        "raw": raw,
+    })
+}
+
+/// The frames one CLI message becomes.
+fn frames_of(message: &Value) -> Vec<Value> {
+    match message["type"].as_str() {
+        Some("stream_event") => {
+            let delta = &message["event"]["delta"];
+            match delta["type"].as_str() {
+                Some("text_delta") => vec![frame("text_delta", delta["text"].as_str(), None, None, message)],
+                Some("thinking_delta") => vec![frame("thinking", delta["thinking"].as_str(), None, None, message)],
+                _ => Vec::new(),
+            }
+        }
+        Some("assistant") => message["message"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|block| block["type"] == "tool_use")
+            .map(|block| {
+                frame("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, message)
+            })
+            .collect(),
+        Some("user") => message["message"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|block| block["type"] == "tool_result")
+            .map(|block| {
+                let content = match &block["content"] {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                frame("tool_result", Some(&content), None, None, message)
+            })
+            .collect(),
+        Some("result") => {
+            let mut result = frame("result", message["result"].as_str(), None, None, message);
+            for key in ["subtype", "is_error", "total_cost_usd", "usage", "duration_ms", "num_turns"] {
+                result[key] = message[key].clone();
+            }
+            let last = if message["is_error"] == true {
+                frame("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), message)
+            } else {
+                frame("done", None, None, None, &Value::Null)
+            };
+            vec![result, last]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Send a message and stream the turn as Server-Sent Events.
+#[utoipa::path(
+    post, path = "/api/v1/chat/stream", tag = "chat", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "`text/event-stream` of frames {type, text, tool_name, tool_input, error, raw}"),
+        (status = 404, description = "Session not found or expired", body = ErrorBody),
+        (status = 429, description = "A turn already runs in this session", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn chat_stream(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let session = chat_session(&state, &principal, &request.session_id).await?;
+    let turn = state.turns.try_lock(&session.session_id).ok_or_else(busy)?;
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    // The turn runs on its own task: a client that disconnects does not
+    // stop it, and the lock is released when it ends.
+    tokio::spawn(async move {
+        let _turn = turn;
+        let mut next_id = 0u64;
+        let mut send = |payload: Value| {
+            let event = Event::default().id(next_id.to_string()).data(payload.to_string());
+            next_id += 1;
+            let _ = sender.send(event);
+        };
+        let timeout = Duration::from_secs(request.timeout);
+        let result = chat::run_turn(&state, &session, &request.message, timeout, |message| {
+            for payload in frames_of(message) {
+                send(payload);
+            }
+        })
+        .await;
+        match result {
+            Ok(outcome) => record(&state, &session, &outcome).await,
+            Err(error) => send(frame("error", None, None, Some(&turn_error(error).to_string()), &Value::Null)),
+        }
+    });
+    let stream = futures::stream::unfold(receiver, |mut events| async move {
+        events.recv().await.map(|event| (Ok::<_, Infallible>(event), events))
+    });
+    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("cache-control", axum::http::HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", axum::http::HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// Interrupt the running turn: the CLI stops and answers with its result;
+/// the session stays usable.
+#[utoipa::path(
+    post, path = "/api/v1/sessions/{session_id}/interrupt", tag = "chat",
+    params(("session_id" = String, Path, description = "Session id")),
+    responses(
+        (status = 202, description = "Interrupt sent"),
+        (status = 404, description = "Session not found", body = ErrorBody),
+        (status = 409, description = "No CLI runs for this session", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn interrupt(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(session_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let session = visible_session(&state, &principal, &session_id).await?;
+    let sent = state
+        .supervisor
+        .write_stdin(&session.user_id, &session.session_id, chat::control_request_line("interrupt"))
+        .await;
+    if sent { Ok(StatusCode::ACCEPTED) } else { Err(ApiError::Conflict("No CLI runs for this session".into())) }
+}
