@@ -1,0 +1,229 @@
+//! Chat end to end: the real server, the real Claude CLI inside the user's
+//! confined worker, and the mock of the remote model.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use integration_tests::{Reply, ServerConfig, TestServer};
+use mock_model::{MockModel, MockServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The pinned Claude CLI (`npm ci --ignore-scripts` at the repo root).
+fn claude_cli() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../node_modules/@anthropic-ai/claude-code-linux-x64/claude");
+    assert!(path.is_file(), "{} missing: run `npm ci --ignore-scripts` at the repository root", path.display());
+    path.canonicalize().expect("cli path")
+}
+
+/// A server whose sessions run the real CLI against `mock`.
+async fn server_with_cli(mock: &MockServer, extra: ServerConfig) -> TestServer {
+    let config = extra
+        .env("CLAUDE_AGENT_CLI_PATH", claude_cli().display().to_string())
+        .env("ANTHROPIC_BASE_URL", mock.base_url())
+        .yaml(&format!("sandbox:\n  allowed_tcp_ports: [{}]\n", mock.addr.port()));
+    TestServer::start_with(config).await
+}
+
+async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
+    server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
+}
+
+#[tokio::test]
+async fn a_text_turn_and_a_second_turn_that_remembers_the_first() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+
+    let first = chat(&server, &alice, &session, "hello there").await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
+    assert_eq!(first.body["text"], "echo: hello there");
+    assert_eq!(first.body["is_error"], false);
+    assert_eq!(first.body["subtype"], "success");
+    assert!(first.body["messages"].as_array().is_some_and(|m| m.iter().any(|x| x["type"] == "assistant")));
+
+    let second = chat(&server, &alice, &session, "mock:reply second").await;
+    assert_eq!(second.body["text"], "second", "{second:?}");
+    // The model saw the first turn in the second request.
+    let last = mock.message_requests().pop().expect("a request");
+    let texts: Vec<String> = last.messages.iter().map(|m| m.text.clone()).collect();
+    assert!(texts.iter().any(|t| t.contains("hello there")), "{texts:?}");
+
+    let stored = server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
+    assert_eq!(stored.body["message_count"], 2);
+    assert!(stored.body["usage"]["output_tokens"].as_i64().unwrap_or(0) > 0, "{stored:?}");
+}
+
+#[tokio::test]
+async fn tools_run_inside_the_users_directory_only() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let bob = server.user_with_token("bob").await;
+    server.session(&bob, json!({})).await;
+    let secret = server.users_dir().join("bob/secret.txt");
+    std::fs::write(&secret, "bob's secret").expect("secret");
+    let session = server.session(&alice, json!({"subdir": "work"})).await;
+
+    let bash = chat(
+        &server,
+        &alice,
+        &session,
+        r#"mock:tool Bash {"command": "echo made-by-bash > made.txt && cat made.txt"}"#,
+    )
+    .await;
+    assert_eq!(bash.status, StatusCode::OK, "{bash:?}");
+    assert_eq!(bash.body["tool_calls"][0]["tool"], "Bash", "{bash:?}");
+    assert!(bash.body["text"].as_str().unwrap_or("").contains("made-by-bash"), "{bash:?}");
+    let made = server.users_dir().join("alice/work/made.txt");
+    assert_eq!(std::fs::read_to_string(&made).expect("the file exists in alice's dir").trim(), "made-by-bash");
+
+    let read = format!(r#"mock:tool Read {{"file_path": "{}"}}"#, secret.display());
+    let denied = chat(&server, &alice, &session, &read).await;
+    assert_eq!(denied.status, StatusCode::OK, "{denied:?}");
+    let text = denied.body["text"].as_str().unwrap_or("");
+    assert!(text.contains("(error)") && !text.contains("bob's secret"), "{text}");
+
+    let cat = format!(r#"mock:tool Bash {{"command": "cat {}"}}"#, secret.display());
+    let denied = chat(&server, &alice, &session, &cat).await;
+    let text = denied.body["text"].as_str().unwrap_or("");
+    assert!(!text.contains("bob's secret") && text.contains("Permission denied"), "{text}");
+}
+
+#[tokio::test]
+async fn sse_streams_text_as_it_is_produced_with_ids_and_a_final_done() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let started = Instant::now();
+    let response = server
+        .request(Method::POST, "/api/v1/chat/stream", Some(&alice))
+        .json(&json!({"session_id": session, "message": "mock:slow 150 8\nmock:reply one two three four five six seven eight"}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events: Vec<(String, Value, Duration)> = Vec::new();
+    use futures::StreamExt;
+    while let Some(chunk) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
+            let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| s.trim().to_owned());
+            if let (Some(id), Some(data)) = (id, data) {
+                events.push((id, serde_json::from_str(&data).expect("json frame"), started.elapsed()));
+            }
+        }
+    }
+    let kinds: Vec<&str> = events.iter().filter_map(|(_, e, _)| e["type"].as_str()).collect();
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    assert!(kinds.contains(&"result"), "{kinds:?}");
+    let deltas: Vec<&(String, Value, Duration)> = events.iter().filter(|(_, e, _)| e["type"] == "text_delta").collect();
+    assert!(deltas.len() >= 4, "incremental deltas: {kinds:?}");
+    let text: String = deltas.iter().filter_map(|(_, e, _)| e["text"].as_str()).collect();
+    assert_eq!(text, "one two three four five six seven eight");
+    // The first words arrived well before the last.
+    assert!(deltas.last().expect("last").2 - deltas[0].2 >= Duration::from_millis(600), "not incremental");
+    // Ids increase without gaps; every frame has the seed's keys.
+    for (i, (id, frame, _)) in events.iter().enumerate() {
+        assert_eq!(id, &i.to_string());
+        for key in ["type", "text", "tool_name", "tool_input", "error"] {
+            assert!(frame.get(key).is_some(), "{frame}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_turn_while_one_runs_is_429_and_interrupt_ends_it() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let slow = {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), session.clone());
+        tokio::spawn(async move {
+            let body = json!({"session_id": session, "message": "mock:slow 500 40\nmock:reply a long slow answer that takes twenty seconds to stream out"});
+            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let busy = chat(&server, &alice, &session, "hello").await;
+    busy.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(busy.body["detail"], "Session is busy processing another request");
+
+    let started = Instant::now();
+    let interrupted = server.post(&format!("/api/v1/sessions/{session}/interrupt"), &alice, json!({})).await;
+    assert_eq!(interrupted.status, StatusCode::ACCEPTED, "{interrupted:?}");
+    let reply = slow.await.expect("slow turn");
+    assert!(started.elapsed() < Duration::from_secs(3), "the turn ended {:?} after the interrupt", started.elapsed());
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body["is_error"], true);
+    // The session stays usable.
+    // (The CLI prefixes its own "[Request interrupted by user]" note.)
+    let after = chat(&server, &alice, &session, "still there?").await;
+    assert_eq!(after.body["is_error"], false, "{after:?}");
+    assert!(after.body["text"].as_str().is_some_and(|t| t.ends_with("still there?")), "{after:?}");
+}
+
+#[tokio::test]
+async fn chat_on_unknown_deleted_or_foreign_sessions_is_404_and_bad_bodies_422() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let bob = server.user_with_token("bob").await;
+    let session = server.session(&alice, json!({})).await;
+    chat(&server, &bob, &session, "hi").await.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let stream = server.post("/api/v1/chat/stream", &bob, json!({"session_id": session, "message": "hi"})).await;
+    stream.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(server.delete(&format!("/api/v1/sessions/{session}"), &alice).await.status, StatusCode::NO_CONTENT);
+    let gone = chat(&server, &alice, &session, "hi").await;
+    gone.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(gone.body["detail"], "Session not found or expired");
+    for body in [
+        json!({"session_id": "x", "message": ""}),
+        json!({"session_id": "x", "message": "   "}),
+        json!({"session_id": "x/../y", "message": "hi"}),
+        json!({"session_id": "x", "message": "hi", "timeout": 0}),
+        json!({"session_id": "x", "message": "hi", "timeout": 601}),
+        json!({"message": "hi"}),
+    ] {
+        server
+            .post("/api/v1/chat", &alice, body)
+            .await
+            .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+    }
+}
+
+#[tokio::test]
+async fn model_errors_end_as_an_error_result_and_the_cli_retries_429() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let retried = chat(&server, &alice, &session, "mock:fail 429 2 retry-after=0\nmock:reply finally").await;
+    assert_eq!(retried.body["text"], "finally", "{retried:?}");
+    assert_eq!(retried.body["is_error"], false);
+}
+
+#[tokio::test]
+async fn conversations_resume_after_a_server_restart() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let first = chat(&server, &alice, &session, "remember the word pineapple").await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let server = server.restart().await;
+    let second = chat(&server, &alice, &session, "mock:reply ok").await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}\n{}", server.log());
+    let last = mock.message_requests().pop().expect("request");
+    assert!(last.messages.iter().any(|m| m.text.contains("pineapple")), "the resumed CLI lost the first turn");
+}
