@@ -176,7 +176,15 @@ async fn session_reaper(state: AppState, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         match state.store.expire_idle_sessions(store::now() - ttl).await {
-            Ok(expired) if !expired.is_empty() => tracing::info!(count = expired.len(), ?expired, "sessions expired"),
+            Ok(expired) if !expired.is_empty() => {
+                tracing::info!(count = expired.len(), ?expired, "sessions expired");
+                // An expired session keeps its directory, not its CLI.
+                for session_id in expired {
+                    if let Ok(Some(session)) = state.store.get_session(&session_id).await {
+                        state.supervisor.stop_process(&session.user_id, &session_id, Duration::from_secs(2)).await;
+                    }
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "session reaper: store error"),
         }

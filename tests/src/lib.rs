@@ -33,8 +33,11 @@ pub fn binary_path(name: &str) -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> → target/<profile>/<name>
+    let mut dir = exe.parent().expect("target directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target directory");
+    }
     let path = dir.join(name);
     assert!(path.is_file(), "{} not found: run `cargo build --workspace --bins` first or set {env}", path.display());
     path

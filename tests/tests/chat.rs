@@ -154,7 +154,22 @@ async fn a_second_turn_while_one_runs_is_429_and_interrupt_ends_it() {
             Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Wait until the model is really streaming the slow reply (the CLI may
+    // still be starting on a loaded machine).
+    let mut streaming = false;
+    for _ in 0..300 {
+        if mock
+            .message_requests()
+            .iter()
+            .any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("mock:slow 500 40")))
+        {
+            streaming = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(streaming, "the slow turn never reached the model");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let busy = chat(&server, &alice, &session, "hello").await;
     busy.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert_eq!(busy.body["detail"], "Session is busy processing another request");

@@ -301,6 +301,29 @@ async fn crashed_workers_are_replaced_and_idle_ones_stop() {
     assert!(eventually(|| !alive(replacement)).await, "the idle worker {replacement} was not stopped");
 }
 
+/// A session that expires (TTL) keeps its directory but its CLI is stopped.
+#[tokio::test]
+async fn ttl_expiry_stops_the_cli() {
+    let config = ServerConfig::default().yaml(&sandbox_yaml(model_port())).env("CLAUDE_AGENT_SESSION_TTL", "2");
+    let server = TestServer::start_with(config).await;
+    let alice = server.user_with_token("alice").await;
+    let (session, report) = run_probe(&server, &alice, "alice", "probe", &json!({})).await;
+    let probe = report["pid"].as_u64().expect("pid");
+    assert!(alive(probe));
+    let mut stopped = false;
+    for _ in 0..100 {
+        if !alive(probe) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "the expired session's CLI still runs");
+    let fetched = server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
+    assert_eq!(fetched.body["status"], "expired");
+    assert!(server.users_dir().join("alice/probe").is_dir());
+}
+
 /// A layer that cannot be applied stops the worker and the API says so.
 #[tokio::test]
 async fn an_unmet_sandbox_requirement_is_a_clear_503() {
