@@ -108,6 +108,7 @@ async fn main() {
         }
     }
     let _ = raw.kill();
+    let _ = raw.wait();
     let (raw50, api50) = (percentile(&mut raw_ms, 0.5), percentile(&mut api_ms, 0.5));
     println!("| measurement ({turns} turns each, interleaved) | p50 ms | p90 ms |");
     println!("|---|---|---|");
