@@ -16,6 +16,7 @@ async fn every_api_route_needs_a_valid_token() {
         (Method::POST, "/api/v1/sessions/x/interrupt"),
         (Method::POST, "/api/v1/chat"),
         (Method::POST, "/api/v1/chat/stream"),
+        (Method::GET, "/api/v1/usage"),
         (Method::POST, "/api/v1/users"),
         (Method::GET, "/api/v1/users"),
         (Method::GET, "/api/v1/users/admin"),

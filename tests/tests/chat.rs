@@ -53,7 +53,20 @@ async fn a_text_turn_and_a_second_turn_that_remembers_the_first() {
 
     let stored = server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
     assert_eq!(stored.body["message_count"], 2);
-    assert!(stored.body["usage"]["output_tokens"].as_i64().unwrap_or(0) > 0, "{stored:?}");
+    let output_tokens = stored.body["usage"]["output_tokens"].as_i64().unwrap_or(0);
+    assert!(output_tokens > 0, "{stored:?}");
+
+    // Usage per user: own, or anyone's for admins; never another user's.
+    let usage = server.get("/api/v1/usage", &alice).await;
+    assert_eq!(usage.status, StatusCode::OK, "{usage:?}");
+    assert_eq!(usage.body["turns"], 2);
+    assert_eq!(usage.body["total"]["output_tokens"], output_tokens);
+    assert_eq!(usage.body["sessions"][0]["session_id"], session.as_str());
+    let bob = server.user_with_token("bob").await;
+    server.get("/api/v1/usage?user_id=alice", &bob).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(server.get("/api/v1/usage", &bob).await.body["turns"], 0);
+    let by_admin = server.get("/api/v1/usage?user_id=alice", &server.admin_token).await;
+    assert_eq!(by_admin.body["total"]["output_tokens"], output_tokens);
 }
 
 #[tokio::test]

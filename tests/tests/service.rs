@@ -43,6 +43,7 @@ async fn openapi_describes_every_route_and_docs_work_offline() {
         ("/api/v1/sessions/{session_id}/interrupt", "post"),
         ("/api/v1/chat", "post"),
         ("/api/v1/chat/stream", "post"),
+        ("/api/v1/usage", "get"),
         ("/api/v1/users", "post"),
         ("/api/v1/users", "get"),
         ("/api/v1/users/{user_id}", "get"),
@@ -55,7 +56,7 @@ async fn openapi_describes_every_route_and_docs_work_offline() {
     for (path, method) in expected {
         assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from the spec");
     }
-    assert_eq!(paths.len(), 13, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 14, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
     assert!(spec.body["components"]["securitySchemes"]["bearer"].is_object());
 
     // Swagger UI is served from the binary: the page and its assets, no CDN.

@@ -329,3 +329,82 @@ pub async fn interrupt(
         .await;
     if sent { Ok(StatusCode::ACCEPTED) } else { Err(ApiError::Conflict("No CLI runs for this session".into())) }
 }
+
+/// Query of `GET /api/v1/usage`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Whose usage (admins: anyone; users: themselves). Default: the caller.
+    pub user_id: Option<String>,
+}
+
+/// A user's token and cost totals, overall and per session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReport {
+    pub user_id: String,
+    pub total: store::UsageTotals,
+    /// Turns (messages) of all the user's sessions.
+    pub turns: i64,
+    pub sessions: Vec<SessionUsage>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionUsage {
+    pub session_id: String,
+    pub status: SessionStatus,
+    pub message_count: i64,
+    pub usage: store::UsageTotals,
+}
+
+/// Token and cost totals recorded from each turn's result (deleted
+/// sessions included: their turns were spent).
+#[utoipa::path(
+    get, path = "/api/v1/usage", tag = "chat", params(UsageQuery),
+    responses(
+        (status = 200, description = "Usage totals", body = UsageReport),
+        (status = 403, description = "Another user's usage", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn usage(
+    State(state): State<AppState>,
+    principal: Principal,
+    super::extract::ApiQuery(query): super::extract::ApiQuery<UsageQuery>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let user_id = super::sessions::owner_for(&principal, query.user_id.as_deref())?;
+    let mut report =
+        UsageReport { user_id: user_id.clone(), total: store::UsageTotals::default(), turns: 0, sessions: Vec::new() };
+    let mut after = None;
+    loop {
+        let page = state
+            .store
+            .list_sessions(&store::SessionQuery {
+                user_id: Some(user_id.clone()),
+                statuses: vec![SessionStatus::Active, SessionStatus::Expired, SessionStatus::Deleted],
+                after: after.take(),
+                limit: 1000,
+            })
+            .await?;
+        let full = page.len() == 1000;
+        for session in page {
+            let total = &mut report.total;
+            total.input_tokens += session.usage.input_tokens;
+            total.output_tokens += session.usage.output_tokens;
+            total.cache_read_tokens += session.usage.cache_read_tokens;
+            total.cache_creation_tokens += session.usage.cache_creation_tokens;
+            total.total_cost_usd += session.usage.total_cost_usd;
+            report.turns += session.message_count;
+            after =
+                Some(store::SessionCursor { created_at: session.created_at, session_id: session.session_id.clone() });
+            report.sessions.push(SessionUsage {
+                session_id: session.session_id,
+                status: session.status,
+                message_count: session.message_count,
+                usage: session.usage,
+            });
+        }
+        if !full {
+            return Ok(Json(report));
+        }
+    }
+}

@@ -39,7 +39,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         root, health,
         sessions::create_session, sessions::list_sessions, sessions::get_session,
         sessions::delete_session, sessions::resume_session,
-        chat::chat, chat::chat_stream, chat::interrupt,
+        chat::chat, chat::chat_stream, chat::interrupt, chat::usage,
         users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
         users::create_token, users::list_tokens, users::delete_token,
     ),
@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sessions/{session_id}/interrupt", post(chat::interrupt))
         .route("/chat", post(chat::chat))
         .route("/chat/stream", post(chat::chat_stream))
+        .route("/usage", get(chat::usage))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{user_id}", get(users::get_user).delete(users::delete_user))
         .route("/users/{user_id}/tokens", post(users::create_token).get(users::list_tokens))
