@@ -216,7 +216,9 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
         env.push(("ANTHROPIC_BASE_URL".to_owned(), url.clone()));
     }
     // The operator's key never enters a sandbox: the CLI gets a random
-    // credential of its own (the model proxy maps it to the real one).
+    // credential of its own. The model proxy (issue 7) will map it to the
+    // real one; until then only a model endpoint that needs no operator key
+    // (the mock, a gateway with its own auth) can serve chat.
     env.push(("ANTHROPIC_API_KEY".to_owned(), format!("cah-session-{}", uuid::Uuid::new_v4().simple())));
     if let Some(model) = &config.anthropic.model {
         env.push(("ANTHROPIC_MODEL".to_owned(), model.clone()));
