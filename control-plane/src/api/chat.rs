@@ -387,12 +387,7 @@ pub async fn usage(
             .await?;
         let full = page.len() == 1000;
         for session in page {
-            let total = &mut report.total;
-            total.input_tokens += session.usage.input_tokens;
-            total.output_tokens += session.usage.output_tokens;
-            total.cache_read_tokens += session.usage.cache_read_tokens;
-            total.cache_creation_tokens += session.usage.cache_creation_tokens;
-            total.total_cost_usd += session.usage.total_cost_usd;
+            report.total += &session.usage;
             report.turns += session.message_count;
             after =
                 Some(store::SessionCursor { created_at: session.created_at, session_id: session.session_id.clone() });

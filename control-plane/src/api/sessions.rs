@@ -22,7 +22,7 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat;
-use crate::config::{PERMISSION_MODES, SandboxMode, SessionDefaults};
+use crate::config::{PERMISSION_MODES, SessionDefaults};
 use crate::store::{
     self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User,
 };
@@ -339,19 +339,12 @@ pub async fn create_session(
         .map_err(|e| ApiError::bad_field("invalid_path", "subdir", format!("subdir: {e}")))?;
     ensure_user(&state, &owner).await?;
     // Privileged sandbox: directories belong to the user's own uid.
-    let dir_owner = match state.supervisor.mode() {
-        SandboxMode::Privileged => {
-            let range = (i64::from(state.config.sandbox.uid_min), i64::from(state.config.sandbox.uid_max));
-            let uid = state
-                .store
-                .assign_uid(&owner, range)
-                .await?
-                .ok_or_else(|| ApiError::Internal(format!("user {owner} vanished while creating a session")))?;
-            let uid = u32::try_from(uid).map_err(|_| ApiError::Internal(format!("stored uid {uid} is invalid")))?;
-            Some((uid, uid))
-        }
-        _ => None,
-    };
+    let dir_owner = state
+        .supervisor
+        .user_ids(&owner)
+        .await
+        .map_err(|e| ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 })?
+        .map(|ids| (ids.uid, ids.gid));
 
     let cwd = {
         let (state, owner, subdir) = (state.clone(), owner.clone(), subdir.clone());

@@ -218,12 +218,7 @@ impl Store for MemoryStore {
             Some(session) if session.status != SessionStatus::Deleted => {
                 session.last_active_at = at;
                 session.message_count += 1;
-                let totals = &mut session.usage;
-                totals.input_tokens += usage.input_tokens;
-                totals.output_tokens += usage.output_tokens;
-                totals.cache_read_tokens += usage.cache_read_tokens;
-                totals.cache_creation_tokens += usage.cache_creation_tokens;
-                totals.total_cost_usd += usage.total_cost_usd;
+                session.usage += usage;
                 true
             }
             _ => false,

@@ -199,6 +199,16 @@ pub struct UsageTotals {
     pub total_cost_usd: f64,
 }
 
+impl std::ops::AddAssign<&UsageTotals> for UsageTotals {
+    fn add_assign(&mut self, other: &UsageTotals) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_read_tokens += other.cache_read_tokens;
+        self.cache_creation_tokens += other.cache_creation_tokens;
+        self.total_cost_usd += other.total_cost_usd;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     pub session_id: String,

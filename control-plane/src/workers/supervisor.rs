@@ -332,6 +332,24 @@ impl Supervisor {
         worker.send(ToWorker::Stop { session_id: session_id.to_owned(), grace_ms: grace.as_millis() as u64 });
     }
 
+    /// Privileged mode: the user's own uid/gid (allocated once, stored with
+    /// the user). Unprivileged: `None`, the server's uid is shared.
+    pub async fn user_ids(&self, user_id: &str) -> Result<Option<UserIds>, SupervisorError> {
+        if self.mode != SandboxMode::Privileged {
+            return Ok(None);
+        }
+        let sandbox = &self.config.sandbox;
+        let range = (i64::from(sandbox.uid_min), i64::from(sandbox.uid_max));
+        let uid = self
+            .store
+            .assign_uid(user_id, range)
+            .await
+            .map_err(|e| SupervisorError::Sandbox(e.to_string()))?
+            .ok_or_else(|| SupervisorError::Sandbox(format!("unknown user {user_id}")))?;
+        let uid = u32::try_from(uid).map_err(|_| SupervisorError::Sandbox(format!("bad uid {uid}")))?;
+        Ok(Some(UserIds { uid, gid: uid }))
+    }
+
     async fn ensure_worker(&self, user_id: &str) -> Result<Arc<Worker>, SupervisorError> {
         if self.shutdown.is_cancelled() {
             return Err(SupervisorError::ShuttingDown);
@@ -352,20 +370,7 @@ impl Supervisor {
     async fn spawn_worker(&self, user_id: &str) -> Result<Arc<Worker>, SupervisorError> {
         let sandbox_cfg = &self.config.sandbox;
         let user_dir = self.base_dir.join(user_id);
-        let drop_to = match self.mode {
-            SandboxMode::Privileged => {
-                let range = (i64::from(sandbox_cfg.uid_min), i64::from(sandbox_cfg.uid_max));
-                let uid = self
-                    .store
-                    .assign_uid(user_id, range)
-                    .await
-                    .map_err(|e| SupervisorError::Sandbox(e.to_string()))?
-                    .ok_or_else(|| SupervisorError::Sandbox(format!("unknown user {user_id}")))?;
-                let uid = u32::try_from(uid).map_err(|_| SupervisorError::Sandbox(format!("bad uid {uid}")))?;
-                Some(UserIds { uid, gid: uid })
-            }
-            _ => None,
-        };
+        let drop_to = self.user_ids(user_id).await?;
         prepare_user_dir(&user_dir, drop_to).map_err(|e| SupervisorError::Sandbox(e.to_string()))?;
         let cgroup = match &self.cgroups {
             Some(manager) => {
