@@ -1282,6 +1282,16 @@ mod tests {
         }
     }
 
+    /// The session id of `pid` as /proc shows it to us. Not getsid(2) through rustix: when our own
+    /// session leader lives outside our PID namespace (CI containers), the kernel answers 0 and
+    /// rustix panics on it. A `setsid` child is its own leader, so its value is always visible.
+    fn session_of(pid: i32) -> i32 {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("stat {pid}: {e}"));
+        // After "pid (comm)": state ppid pgrp session ...
+        let fields: Vec<&str> = stat.rsplit(')').next().expect("stat").split_whitespace().collect();
+        fields[3].parse().expect("session field")
+    }
+
     fn read_trimmed(path: &Path) -> String {
         fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).trim().to_owned()
     }
@@ -1511,8 +1521,8 @@ mod tests {
         let mut line = String::new();
         BufReader::new(fx.child(sh).stdout.as_mut().expect("stdout")).read_line(&mut line).expect("daemon pid");
         let daemon: i32 = line.trim().parse().expect("daemon pid");
-        let session = |pid: i32| rustix::process::getsid(Pid::from_raw(pid)).expect("getsid");
-        assert_ne!(session(daemon), session(pid_i32(sh)), "the daemon did not leave the session");
+        assert_eq!(session_of(daemon), daemon, "the daemon did not start its own session");
+        assert_ne!(session_of(pid_i32(sh)), daemon);
         wait_until("sh, daemon and sleep in the cgroup", || user.pids().len() == 3);
         assert!(user.pids().contains(&daemon));
 
@@ -1725,8 +1735,8 @@ mod tests {
         let mut line = String::new();
         BufReader::new(fx.child(sh).stdout.as_mut().expect("stdout")).read_line(&mut line).expect("daemon pid");
         let daemon: i32 = line.trim().parse().expect("daemon pid");
-        let session = |pid: i32| rustix::process::getsid(Pid::from_raw(pid)).expect("getsid");
-        assert_ne!(session(daemon), session(pid_i32(sh)));
+        assert_eq!(session_of(daemon), daemon, "the daemon did not start its own session");
+        assert_ne!(session_of(pid_i32(sh)), daemon);
         wait_until("sh, daemon and sleep in the v2 cgroup", || user.pids().len() == 3);
         assert_eq!(session_cgroup.pids(), user.pids());
         assert!(v2_cgroup_of(sh).ends_with("/v2-user/session-v2"), "{}", v2_cgroup_of(sh));
