@@ -37,8 +37,9 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub user_dirs: UserDirs,
     pub supervisor: Arc<Supervisor>,
-    /// One chat turn per session at a time.
-    pub turns: crate::chat::TurnLocks,
+    /// Each session's turn lock, SSE frame log and last use; the server's
+    /// chat slots.
+    pub conversations: crate::chat::Conversations,
     pub started: Instant,
     /// Serialises "count open sessions, then insert" so two concurrent
     /// creates cannot both take the last slot.
@@ -100,11 +101,11 @@ impl App {
         let listener =
             TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
         let state = AppState(Arc::new(Services {
+            conversations: crate::chat::Conversations::new(&config.api),
             config,
             store,
             user_dirs,
             supervisor,
-            turns: crate::chat::TurnLocks::default(),
             started: Instant::now(),
             admission: tokio::sync::Mutex::new(()),
         }));
@@ -120,6 +121,7 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let tasks = TaskTracker::new();
         tasks.spawn(session_reaper(self.state.clone(), shutdown.clone()));
+        tasks.spawn(crate::chat::idle_cli_reaper(self.state.clone(), shutdown.clone()));
         let router = crate::api::router(self.state.clone());
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
         let result =
@@ -183,6 +185,7 @@ async fn session_reaper(state: AppState, shutdown: CancellationToken) {
                     if let Ok(Some(session)) = state.store.get_session(&session_id).await {
                         state.supervisor.stop_process(&session.user_id, &session_id, Duration::from_secs(2)).await;
                     }
+                    state.conversations.forget(&session_id);
                 }
             }
             Ok(_) => {}

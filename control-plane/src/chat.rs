@@ -1,47 +1,36 @@
 //! Chat turns: one user message written to a session's warm CLI (streaming
 //! input mode), its output lines read back until the CLI's `result`.
 //!
-//! A session runs one turn at a time ([`TurnLocks`]); a turn that outlives
-//! its deadline is interrupted with the CLI's own `interrupt` control
-//! request. The CLI process is started on session create (warm) and
-//! restarted with `--resume` when it is gone (idle stop, crash, restart of
-//! the server).
+//! Each session has a [`Conversation`]: its turn lock (one turn at a time; a
+//! second is refused, never queued), its bounded log of SSE frames (so a
+//! client that lost its stream reconnects with `Last-Event-ID` and misses
+//! nothing still buffered), and when it was last used (idle stop, LRU
+//! eviction of warm CLIs). Turns across the server share
+//! `api.max_concurrent_requests` slots.
+//!
+//! The CLI process starts on session create (warm) and is restarted with
+//! `--resume` when it is gone (idle stop, eviction, crash, server restart).
+//! A turn that outlives its deadline is interrupted with the CLI's own
+//! `interrupt` control request.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::{OwnedMutexGuard, broadcast};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::store::{Session, UsageTotals};
+use crate::config::ApiConfig;
+use crate::store::{NewMessage, Session, UsageTotals};
 use crate::workers::sandbox;
 use crate::workers::supervisor::{ProcessEvent, SupervisorError};
 
 /// How long an interrupted turn may take to deliver its `result`.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
-
-/// Per-session turn locks: a second turn while one runs is refused, never
-/// queued behind it.
-#[derive(Debug, Default)]
-pub struct TurnLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
-
-impl TurnLocks {
-    /// The session's lock if it is free. Dropping the guard frees it, so a
-    /// client that goes away never leaves its session locked.
-    pub fn try_lock(&self, session_id: &str) -> Option<OwnedMutexGuard<()>> {
-        let lock = self.0.lock().ok()?.entry(session_id.to_owned()).or_default().clone();
-        lock.try_lock_owned().ok()
-    }
-
-    pub fn forget(&self, session_id: &str) {
-        if let Ok(mut locks) = self.0.lock() {
-            locks.remove(session_id);
-        }
-    }
-}
+/// How long an evicted or idle CLI gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a turn failed before the CLI produced a result.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +43,33 @@ pub enum TurnError {
     Timeout(u64),
     #[error("the session's CLI is not reachable")]
     NotRunning,
+    #[error("all {0} chat slots of the server stayed busy for the whole timeout")]
+    ServerBusy(u32),
+    #[error("{scope} already has {cap} warm CLI processes, all of them in a turn")]
+    TooManyWarm { scope: WarmScope, cap: u32 },
+}
+
+/// Which cap on warm CLI processes was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmScope {
+    User,
+    Server,
+}
+
+impl std::fmt::Display for WarmScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::User => "this user",
+            Self::Server => "the server",
+        })
+    }
 }
 
 /// What a finished turn produced.
 #[derive(Debug, Clone)]
 pub struct TurnOutcome {
-    /// Every JSON message the CLI wrote during the turn, in order.
+    /// Every JSON message the CLI wrote during the turn, in order (control
+    /// responses and the echo of the user's own message left out).
     pub messages: Vec<Value>,
     /// The final `result` message.
     pub result: Value,
@@ -80,9 +90,11 @@ impl TurnOutcome {
     }
 }
 
-/// A user message line in the CLI's stream-json input format.
-pub fn user_message_line(text: &str) -> String {
-    let mut line = json!({"type": "user", "message": {"role": "user", "content": text}}).to_string();
+/// A user message line in the CLI's stream-json input format. The CLI
+/// echoes it back with this `uuid` (`--replay-user-messages`), which tells
+/// the turn where its own output begins.
+pub fn user_message_line(text: &str, uuid: &str) -> String {
+    let mut line = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}}).to_string();
     line.push('\n');
     line
 }
@@ -95,23 +107,411 @@ pub fn control_request_line(subtype: &str) -> String {
     line
 }
 
+/// One SSE frame of a session, as sent: `id:` and the JSON `data:`.
+#[derive(Debug)]
+pub struct StreamFrame {
+    pub id: u64,
+    pub data: String,
+    /// `done` or `error`: the turn is over.
+    pub terminal: bool,
+}
+
+/// What a stream reader gets next.
+#[derive(Debug)]
+pub enum StreamItem {
+    Frame(Arc<StreamFrame>),
+    /// Frames from `from` up to (not including) `resumed_at` were dropped
+    /// from the buffer (or belong to an earlier run of the server) before
+    /// this reader asked for them.
+    Gap { from: u64, resumed_at: u64 },
+}
+
+/// Bounds of a session's frame log.
+#[derive(Debug, Clone, Copy)]
+struct LogLimits {
+    frames: usize,
+    bytes: usize,
+}
+
+/// The frames of a session's recent turns, oldest first, bounded in count
+/// and bytes.
+#[derive(Debug)]
+struct FrameLog {
+    frames: VecDeque<Arc<StreamFrame>>,
+    bytes: usize,
+    /// The id the next frame gets. Starts at the creation time in
+    /// microseconds, so ids of a later server run are larger than any a
+    /// client kept from an earlier one (and are answered with a gap).
+    next_id: u64,
+    /// First frame id of the running turn, if one runs.
+    turn_start: Option<u64>,
+    /// The session is gone: readers stop once they have read everything.
+    closed: bool,
+    limits: LogLimits,
+}
+
+impl FrameLog {
+    fn push(&mut self, data: String, terminal: bool) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.bytes += data.len();
+        self.frames.push_back(Arc::new(StreamFrame { id, data, terminal }));
+        while self.frames.len() > self.limits.frames || (self.bytes > self.limits.bytes && self.frames.len() > 1) {
+            if let Some(old) = self.frames.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
+        if terminal {
+            self.turn_start = None;
+        }
+        id
+    }
+
+    /// Frames with id ≥ `from`, and whether some of those are gone.
+    fn read(&self, from: u64) -> (Option<StreamItem>, Vec<Arc<StreamFrame>>) {
+        let oldest = self.frames.front().map_or(self.next_id, |f| f.id);
+        let gap = (from < oldest).then_some(StreamItem::Gap { from, resumed_at: oldest });
+        let skip = self.frames.partition_point(|f| f.id < from);
+        (gap, self.frames.iter().skip(skip).cloned().collect())
+    }
+}
+
+/// A session's live state on this server.
+#[derive(Debug)]
+pub struct Conversation {
+    pub session_id: String,
+    pub user_id: String,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    log: Mutex<FrameLog>,
+    /// The next frame id, announced after every push.
+    published: watch::Sender<u64>,
+    last_used: Mutex<std::time::Instant>,
+}
+
+impl Conversation {
+    fn log(&self) -> MutexGuard<'_, FrameLog> {
+        // A panic while holding the lock leaves a consistent log (every
+        // mutation is a single push/pop): keep using it.
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn touch(&self) {
+        if let Ok(mut last) = self.last_used.lock() {
+            *last = std::time::Instant::now();
+        }
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        self.last_used.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Whether a turn runs now.
+    pub fn busy(&self) -> bool {
+        self.turn.try_lock().is_err()
+    }
+
+    /// The session's turn, if none runs. Dropping the guard ends it (a
+    /// client that goes away never leaves its session locked); a turn that
+    /// ends without a final frame gets an `error` frame then, so no reader
+    /// waits forever.
+    pub fn try_begin_turn(self: &Arc<Self>) -> Option<TurnGuard> {
+        let lock = self.turn.clone().try_lock_owned().ok()?;
+        self.touch();
+        let first_frame = {
+            let mut log = self.log();
+            log.turn_start = Some(log.next_id);
+            log.next_id
+        };
+        Some(TurnGuard { conversation: self.clone(), first_frame, _lock: lock })
+    }
+
+    /// Appends a frame (a JSON object with a `type`) and wakes readers.
+    pub fn publish(&self, payload: &Value) -> u64 {
+        let terminal = matches!(payload["type"].as_str(), Some("done" | "error"));
+        let (id, next) = {
+            let mut log = self.log();
+            let id = log.push(payload.to_string(), terminal);
+            (id, log.next_id)
+        };
+        self.published.send_replace(next);
+        id
+    }
+
+    fn close(&self) {
+        self.log().closed = true;
+        self.published.send_modify(|_| {});
+    }
+
+    /// Where a reader without `Last-Event-ID` starts: the running turn's
+    /// first frame, else whatever comes next.
+    pub fn default_start(&self) -> u64 {
+        let log = self.log();
+        log.turn_start.unwrap_or(log.next_id)
+    }
+
+    /// Frames from id `from` on: first what the buffer still holds (a gap
+    /// first if some are gone), then live ones. With `follow` it goes on
+    /// across turns until the session is gone; without, it ends after the
+    /// first final frame (`done`/`error`), or at once when no turn runs and
+    /// nothing is left to read.
+    pub fn frames(self: Arc<Self>, from: u64, follow: bool) -> impl futures::Stream<Item = StreamItem> + Send {
+        let receiver = self.published.subscribe();
+        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false);
+        futures::stream::unfold(state, move |(conversation, mut receiver, mut from, mut pending, mut done)| async move {
+            loop {
+                if let Some(item) = pending.pop_front() {
+                    return Some((item, (conversation, receiver, from, pending, done)));
+                }
+                if done {
+                    return None;
+                }
+                receiver.borrow_and_update();
+                let (gap, frames, running, closed) = {
+                    let log = conversation.log();
+                    // An id from the future (a client's invention) reads as "now".
+                    from = from.min(log.next_id);
+                    let (gap, frames) = log.read(from);
+                    (gap, frames, log.turn_start.is_some(), log.closed)
+                };
+                if let Some(StreamItem::Gap { resumed_at, .. }) = &gap {
+                    from = *resumed_at;
+                }
+                pending.extend(gap);
+                for frame in frames {
+                    from = frame.id + 1;
+                    let end = frame.terminal && !follow;
+                    pending.push_back(StreamItem::Frame(frame));
+                    if end {
+                        done = true;
+                        break;
+                    }
+                }
+                if !pending.is_empty() {
+                    continue;
+                }
+                if closed || (!running && !follow) || receiver.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+    }
+}
+
+/// A running turn: holds the session's turn lock.
+#[derive(Debug)]
+pub struct TurnGuard {
+    conversation: Arc<Conversation>,
+    /// Id of the turn's first frame.
+    pub first_frame: u64,
+    _lock: OwnedMutexGuard<()>,
+}
+
+impl TurnGuard {
+    pub fn conversation(&self) -> &Arc<Conversation> {
+        &self.conversation
+    }
+}
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        self.conversation.touch();
+        let unfinished = self.conversation.log().turn_start.is_some();
+        if unfinished {
+            self.conversation.publish(&json!({
+                "type": "error", "text": null, "tool_name": null, "tool_input": null,
+                "error": "the turn ended without a result", "raw": null,
+            }));
+        }
+    }
+}
+
+/// Every session's [`Conversation`] on this server, and the server-wide
+/// chat slots.
+#[derive(Debug)]
+pub struct Conversations {
+    sessions: Mutex<HashMap<String, Arc<Conversation>>>,
+    limits: LogLimits,
+    turn_slots: Arc<Semaphore>,
+    max_turns: u32,
+    /// Serialises "count warm CLIs, evict, start" so two starts cannot both
+    /// take the last place.
+    warm_admission: tokio::sync::Mutex<()>,
+}
+
+impl Conversations {
+    pub fn new(api: &ApiConfig) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            limits: LogLimits { frames: api.stream_buffer_events.max(1), bytes: api.stream_buffer_bytes.max(1) },
+            turn_slots: Arc::new(Semaphore::new(api.max_concurrent_requests.max(1) as usize)),
+            max_turns: api.max_concurrent_requests.max(1),
+            warm_admission: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Conversation>>> {
+        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session's conversation, created on first use.
+    pub fn get(&self, session: &Session) -> Arc<Conversation> {
+        self.map()
+            .entry(session.session_id.clone())
+            .or_insert_with(|| {
+                let start = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or_default();
+                let log = FrameLog {
+                    frames: VecDeque::new(),
+                    bytes: 0,
+                    next_id: start,
+                    turn_start: None,
+                    closed: false,
+                    limits: self.limits,
+                };
+                Arc::new(Conversation {
+                    session_id: session.session_id.clone(),
+                    user_id: session.user_id.clone(),
+                    turn: Arc::default(),
+                    log: Mutex::new(log),
+                    published: watch::Sender::new(start),
+                    last_used: Mutex::new(std::time::Instant::now()),
+                })
+            })
+            .clone()
+    }
+
+    pub fn existing(&self, session_id: &str) -> Option<Arc<Conversation>> {
+        self.map().get(session_id).cloned()
+    }
+
+    /// The session is gone (deleted, expired): readers end, state is freed.
+    pub fn forget(&self, session_id: &str) {
+        if let Some(conversation) = self.map().remove(session_id) {
+            conversation.close();
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<Conversation>> {
+        self.map().values().cloned().collect()
+    }
+
+    /// A chat slot of the server, waiting until `deadline` at most.
+    async fn slot(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, TurnError> {
+        match tokio::time::timeout_at(deadline, self.turn_slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(TurnError::ServerBusy(self.max_turns)),
+        }
+    }
+}
+
 /// Starts the session's CLI (resuming its conversation when it already had
-/// turns) and sends `initialize`, so the first message finds it warm.
+/// turns) and sends `initialize`, so the first message finds it warm. Makes
+/// room first when the user or the server is at its cap of warm CLIs.
 pub async fn start_cli(
     state: &AppState,
     session: &Session,
-) -> Result<broadcast::Receiver<ProcessEvent>, SupervisorError> {
+) -> Result<broadcast::Receiver<ProcessEvent>, TurnError> {
+    let _admission = state.conversations.warm_admission.lock().await;
+    // Idempotent: a concurrent start (a resume racing a message) already did it.
+    if let Some(events) = state.supervisor.subscribe(&session.user_id, &session.session_id).await {
+        return Ok(events);
+    }
+    make_room(state, &session.user_id).await?;
     let user_dir = state.user_dirs.base_path().join(&session.user_id);
     let privileged = state.supervisor.mode() == crate::config::SandboxMode::Privileged;
     let resume = session.message_count > 0;
     let spec = sandbox::cli_spec(&state.config, session, &user_dir, privileged, resume);
     let events = state.supervisor.start_process(&session.user_id, &session.session_id, spec).await?;
     state.supervisor.write_stdin(&session.user_id, &session.session_id, control_request_line("initialize")).await;
+    state.conversations.get(session).touch();
     Ok(events)
 }
 
-/// Runs one turn; `on_message` sees every CLI message as it arrives. The
-/// caller holds the session's turn lock.
+/// Stops least recently used idle CLIs until one more fits under
+/// `api.max_warm_sessions_per_user` and `api.max_warm_sessions`.
+async fn make_room(state: &AppState, user_id: &str) -> Result<(), TurnError> {
+    let api = &state.config.api;
+    let caps = [(WarmScope::User, api.max_warm_sessions_per_user), (WarmScope::Server, api.max_warm_sessions)];
+    for (scope, cap) in caps {
+        loop {
+            let warm: Vec<(String, String)> = state
+                .supervisor
+                .running_processes()
+                .await
+                .into_iter()
+                .filter(|(user, _)| scope == WarmScope::Server || user == user_id)
+                .collect();
+            if warm.len() < cap.max(1) as usize {
+                break;
+            }
+            let victim = warm
+                .iter()
+                .filter_map(|(_, session_id)| state.conversations.existing(session_id))
+                .filter(|c| !c.busy())
+                .max_by_key(|c| c.idle_for());
+            let Some(victim) = victim else { return Err(TurnError::TooManyWarm { scope, cap }) };
+            tracing::info!(
+                session_id = %victim.session_id, user_id = %victim.user_id, %scope, cap,
+                "stopping the least recently used warm CLI to make room"
+            );
+            stop_and_wait(state, &victim.user_id, &victim.session_id).await;
+        }
+    }
+    Ok(())
+}
+
+/// Stops a session's CLI and waits (a bounded time) until it has exited.
+pub async fn stop_and_wait(state: &AppState, user_id: &str, session_id: &str) {
+    let Some(mut events) = state.supervisor.subscribe(user_id, session_id).await else { return };
+    state.supervisor.stop_process(user_id, session_id, STOP_GRACE).await;
+    let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), async {
+        loop {
+            match events.recv().await {
+                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied) | Err(broadcast::error::RecvError::Closed) => {
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Stops CLIs idle for `api.idle_session_timeout` (their sessions stay
+/// open; the next message resumes them). Runs until `shutdown`.
+pub async fn idle_cli_reaper(state: AppState, shutdown: tokio_util::sync::CancellationToken) {
+    let idle = state.config.api.idle_session_timeout;
+    if idle == 0 {
+        return;
+    }
+    let idle = Duration::from_secs(idle);
+    let mut ticker = tokio::time::interval((idle / 4).clamp(Duration::from_millis(500), Duration::from_secs(30)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let running = state.supervisor.running_processes().await;
+        for conversation in state.conversations.all() {
+            let warm = running.iter().any(|(_, session)| *session == conversation.session_id);
+            if warm && !conversation.busy() && conversation.idle_for() >= idle {
+                tracing::info!(session_id = %conversation.session_id, "stopping an idle CLI");
+                state.supervisor.stop_process(&conversation.user_id, &conversation.session_id, STOP_GRACE).await;
+            }
+        }
+    }
+}
+
+/// What a turn wrote to the session's history: the user's message (as the
+/// CLI echoed it), the assistant's messages, tool results, the result.
+fn history_entry(message: &Value) -> Option<NewMessage> {
+    let kind = message["type"].as_str()?;
+    matches!(kind, "user" | "assistant" | "result")
+        .then(|| NewMessage { kind: kind.to_owned(), content: message.clone() })
+}
+
+/// Runs one turn; `on_message` sees every CLI message of the turn as it
+/// arrives. The caller holds the session's turn.
 pub async fn run_turn(
     state: &AppState,
     session: &Session,
@@ -120,24 +520,59 @@ pub async fn run_turn(
     mut on_message: impl FnMut(&Value),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
+    let mut deadline = Instant::now() + timeout;
+    let _slot = state.conversations.slot(deadline).await?;
     let mut events = match state.supervisor.subscribe(user, id).await {
         Some(events) => events,
         None => start_cli(state, session).await?,
     };
-    if !state.supervisor.write_stdin(user, id, user_message_line(text)).await {
+    let uuid = uuid::Uuid::new_v4().to_string();
+    if !state.supervisor.write_stdin(user, id, user_message_line(text, &uuid)).await {
         return Err(TurnError::NotRunning);
     }
-    let mut deadline = Instant::now() + timeout;
+    let mut history = Vec::new();
+    let result = read_turn(state, session, &mut events, &uuid, &mut deadline, timeout, &mut history, &mut on_message)
+        .await;
+    if history.is_empty() {
+        // The CLI never echoed the message (it failed first): keep it anyway.
+        let echo = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}});
+        history.push(NewMessage { kind: "user".into(), content: echo });
+    }
+    if let Err(error) = &result {
+        history.push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
+    }
+    if let Err(e) = state.store.append_messages(id, crate::store::now(), &history).await {
+        tracing::warn!(session_id = %id, error = %e, "cannot store the turn's messages");
+    }
+    result
+}
+
+/// Reads the CLI's output until the turn's `result`. Output before the echo
+/// of message `uuid` belongs to an earlier turn (a late result after an
+/// interrupt) and is skipped.
+#[allow(clippy::too_many_arguments)]
+async fn read_turn(
+    state: &AppState,
+    session: &Session,
+    events: &mut broadcast::Receiver<ProcessEvent>,
+    uuid: &str,
+    deadline: &mut Instant,
+    timeout: Duration,
+    history: &mut Vec<NewMessage>,
+    on_message: &mut impl FnMut(&Value),
+) -> Result<TurnOutcome, TurnError> {
+    let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
+    let mut echoed = false;
     let mut messages = Vec::new();
     loop {
-        let event = match tokio::time::timeout_at(deadline, events.recv()).await {
+        let event = match tokio::time::timeout_at(*deadline, events.recv()).await {
             Ok(event) => event,
             Err(_) if !interrupted => {
                 // Ask the CLI to stop; it still answers with a result.
                 interrupted = true;
                 state.supervisor.write_stdin(user, id, control_request_line("interrupt")).await;
-                deadline = Instant::now() + INTERRUPT_GRACE;
+                *deadline = Instant::now() + INTERRUPT_GRACE;
                 continue;
             }
             Err(_) => {
@@ -151,16 +586,28 @@ pub async fn run_turn(
                     tracing::warn!(session_id = %id, "CLI wrote a line that is not JSON; ignored");
                     continue;
                 };
-                on_message(&message);
-                let is_result = message["type"] == "result";
-                if message["type"] != "control_response" {
-                    messages.push(message.clone());
+                if message["type"] == "control_response" {
+                    continue;
                 }
+                if !echoed {
+                    if message["type"] == "user" && message["uuid"] == uuid {
+                        echoed = true;
+                        history.extend(history_entry(&message));
+                    } else if message["type"] == "result" {
+                        tracing::info!(session_id = %id, "skipped the late result of an earlier turn");
+                    }
+                    continue;
+                }
+                on_message(&message);
+                history.extend(history_entry(&message));
+                let is_result = message["type"] == "result";
+                messages.push(message);
                 if is_result {
                     if interrupted {
                         return Err(TurnError::Timeout(timeout.as_secs()));
                     }
-                    return Ok(TurnOutcome { messages, result: message });
+                    let result = messages.last().cloned().unwrap_or_default();
+                    return Ok(TurnOutcome { messages, result });
                 }
             }
             Ok(ProcessEvent::Line { line, .. }) => tracing::debug!(session_id = %id, %line, "CLI stderr"),

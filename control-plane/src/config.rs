@@ -249,6 +249,15 @@ pub struct ApiConfig {
     pub idle_session_timeout: u64,
     /// Largest request body in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// Warm CLI processes on the whole server; starting one more stops the
+    /// least recently used idle one (its session resumes on its next message).
+    pub max_warm_sessions: u32,
+    /// Warm CLI processes per user, likewise.
+    pub max_warm_sessions_per_user: u32,
+    /// SSE frames kept per session for reconnects with `Last-Event-ID`.
+    pub stream_buffer_events: usize,
+    /// Bytes of SSE frames kept per session (the older frames go first).
+    pub stream_buffer_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -263,6 +272,10 @@ impl Default for ApiConfig {
             memory_limit_mb: 7168,
             idle_session_timeout: 300,
             max_body_bytes: 1024 * 1024,
+            max_warm_sessions: 10,
+            max_warm_sessions_per_user: 3,
+            stream_buffer_events: 2000,
+            stream_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -612,6 +625,9 @@ impl Config {
                 format!("{:?} is not an IP address (or `localhost`)", self.api.host),
             ));
         }
+        if self.api.stream_buffer_bytes < 4096 {
+            return Err(ConfigError::invalid("api.stream_buffer_bytes", "must be at least 4096"));
+        }
         if self.api.max_body_bytes < 1024 {
             return Err(ConfigError::invalid("api.max_body_bytes", "must be at least 1024"));
         }
@@ -619,6 +635,9 @@ impl Config {
             ("api.max_sessions", self.api.max_sessions),
             ("api.max_sessions_per_user", self.api.max_sessions_per_user),
             ("api.max_concurrent_requests", self.api.max_concurrent_requests),
+            ("api.max_warm_sessions", self.api.max_warm_sessions),
+            ("api.max_warm_sessions_per_user", self.api.max_warm_sessions_per_user),
+            ("api.stream_buffer_events", u32::try_from(self.api.stream_buffer_events).unwrap_or(u32::MAX)),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));

@@ -17,8 +17,8 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use control_plane::config::{Secret, StorageKind, StoreLocation};
 use control_plane::store::{
-    self, ApiToken, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, Store, StoreError,
-    StoreResult, UsageTotals, User,
+    self, ApiToken, NewMessage, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, Store,
+    StoreError, StoreResult, StoredMessage, UsageTotals, User,
 };
 use serde_json::{Map, Value, json};
 
@@ -158,6 +158,14 @@ conformance!(
     record_turn_adds_usage,
     assign_uid_allocates_once,
     expire_idle_sessions,
+    messages_append_and_list,
+    messages_pagination,
+    messages_roundtrip,
+    concurrent_appends_are_contiguous,
+    deleted_session_purges_messages_expired_keeps_them,
+    delete_user_purges_messages,
+    append_to_unknown_or_deleted_session_fails,
+    messages_stay_in_their_session,
 );
 
 // ---------------------------------------------------------------------------
@@ -256,6 +264,23 @@ async fn get_session(store: &dyn Store, session_id: &str) -> Session {
         .await
         .expect("get session")
         .unwrap_or_else(|| panic!("session {session_id} should exist"))
+}
+
+fn message(kind: &str, content: Value) -> NewMessage {
+    NewMessage { kind: kind.to_owned(), content }
+}
+
+fn stored(seq: i64, new: &NewMessage, created_at: DateTime<Utc>) -> StoredMessage {
+    StoredMessage { seq, kind: new.kind.clone(), content: new.content.clone(), created_at }
+}
+
+fn seqs(messages: &[StoredMessage]) -> Vec<i64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+/// A session's whole history, in one call.
+async fn history(store: &dyn Store, session_id: &str) -> Vec<StoredMessage> {
+    store.list_messages(session_id, 0, u32::MAX).await.unwrap_or_else(|e| panic!("list messages of {session_id}: {e}"))
 }
 
 /// The reference ordering: newest first by `(created_at, session_id)`.
@@ -1040,5 +1065,294 @@ mod cases {
         assert_eq!(get_session(store, "deleted").await.status, Deleted);
         assert_eq!(store.count_sessions(None, Active).await.expect("count"), 0);
         assert_eq!(store.count_sessions(None, Expired).await.expect("count"), 7);
+    }
+
+    pub async fn messages_append_and_list(store: &dyn Store) {
+        let t = base();
+        create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
+        assert!(history(store, "s-1").await.is_empty(), "a new session has no history");
+
+        // An empty append is a no-op: the first real message is still seq 1.
+        store.append_messages("s-1", t, &[]).await.expect("empty append");
+        assert!(history(store, "s-1").await.is_empty());
+
+        let at1 = t + micros(1);
+        let first = [
+            message("user", json!({"type": "user", "text": "hello"})),
+            message("assistant", json!({"type": "assistant", "text": "hi"})),
+            message("result", json!({"type": "result", "cost": 0.5})),
+        ];
+        store.append_messages("s-1", at1, &first).await.expect("append 1");
+        let at2 = t + TimeDelta::seconds(2) + micros(999_999);
+        let second = [message("user", json!("again"))];
+        store.append_messages("s-1", at2, &second).await.expect("append 2");
+        store.append_messages("s-1", at2, &[]).await.expect("empty append");
+        // A later call may carry an earlier timestamp: seqs follow calls.
+        let at3 = t - TimeDelta::days(1);
+        let third = [message("assistant", json!(["a", 1])), message("assistant", json!(null))];
+        store.append_messages("s-1", at3, &third).await.expect("append 3");
+
+        let expected = vec![
+            stored(1, &first[0], at1),
+            stored(2, &first[1], at1),
+            stored(3, &first[2], at1),
+            stored(4, &second[0], at2),
+            stored(5, &third[0], at3),
+            stored(6, &third[1], at3),
+        ];
+        assert_eq!(history(store, "s-1").await, expected);
+        assert_eq!(store.list_messages("s-1", 0, 6).await.expect("list"), expected);
+        assert_eq!(store.list_messages("s-1", -5, 100).await.expect("list from a negative seq"), expected);
+
+        // Appending does not touch the session itself.
+        assert_eq!(get_session(store, "s-1").await, session("s-1", "alice", t, SessionStatus::Active));
+    }
+
+    pub async fn messages_pagination(store: &dyn Store) {
+        let t = base();
+        create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
+        let all: Vec<NewMessage> = (1..=23).map(|i| message("user", json!({ "i": i }))).collect();
+        for (call, chunk) in all.chunks(4).enumerate() {
+            store.append_messages("s-1", t + micros(call as i64), chunk).await.expect("append");
+        }
+        let expected: Vec<StoredMessage> =
+            all.iter().enumerate().map(|(i, m)| stored(i as i64 + 1, m, t + micros(i as i64 / 4))).collect();
+        assert_eq!(history(store, "s-1").await, expected);
+
+        for limit in [1_u32, 2, 5, 22, 23, 24] {
+            let mut walked = Vec::new();
+            let mut after = 0;
+            for _ in 0..100 {
+                let page = store.list_messages("s-1", after, limit).await.expect("page");
+                assert!(page.len() <= limit as usize, "page of {} exceeds limit {limit}", page.len());
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                walked.extend(page);
+            }
+            assert_eq!(walked, expected, "pages of {limit}");
+        }
+
+        for after in [0_i64, 1, 7, 22] {
+            for limit in [0_u32, 1, 3, 100] {
+                let want: Vec<_> = expected.iter().filter(|m| m.seq > after).take(limit as usize).cloned().collect();
+                let got = store.list_messages("s-1", after, limit).await.expect("list");
+                assert_eq!(seqs(&got), seqs(&want), "after {after}, limit {limit}");
+                assert_eq!(got, want);
+            }
+        }
+        assert!(store.list_messages("s-1", 23, 10).await.expect("past the end").is_empty());
+        assert!(store.list_messages("s-1", i64::MAX, 10).await.expect("far past the end").is_empty());
+        assert_eq!(seqs(&store.list_messages("s-1", i64::MIN, 2).await.expect("from i64::MIN")), [1, 2]);
+    }
+
+    pub async fn messages_roundtrip(store: &dyn Store) {
+        let t = base();
+        create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
+        let big: String = "0123456789abcdef☃".repeat(200 * 1024 / 19);
+        assert!(big.len() > 200_000);
+        let messages = [
+            message(
+                "assistant",
+                json!({
+                    "type": "assistant",
+                    "message": {
+                        "content": [
+                            {"type": "text", "text": "héllo wörld — 你好 🌍 \"quoted\" \\ back\nslash\ttab"},
+                            {"type": "tool_use", "id": "t1", "input": {"z": 1, "a": [true, false, null], "m": {}}},
+                        ],
+                        "usage": {"input_tokens": 12, "output_tokens": 0},
+                    },
+                    "nul": "a\u{0}b",
+                    "control": "\u{1}\u{1f}\u{7f}",
+                    "numbers": [0, -1, 1.5, -2.25, 0.1, 1e-7, 0.1 + 0.2, 1.0 / 3.0, u64::MAX, i64::MIN],
+                    "empty": {"obj": {}, "arr": [], "str": ""},
+                    "deep": {"a": {"b": {"c": {"d": {"e": {"f": [[[[["deep"]]]]]}}}}}},
+                }),
+            ),
+            message("user", Value::String(big.clone())),
+            message("tool_result", json!({"output": big, "lines": (0..2000).collect::<Vec<_>>()})),
+            message("", json!({})),
+            message("kind with spaces and ünïcödé ✓", json!(42)),
+            message("null", Value::Null),
+            message("bool", json!(false)),
+            message("float", json!(-0.0)),
+        ];
+        // Stored at microsecond precision: nanoseconds are truncated.
+        let at = t + TimeDelta::nanoseconds(123_456_789);
+        store.append_messages("s-1", at, &messages).await.expect("append");
+        let stored_at = t + micros(123_456);
+        let expected: Vec<_> = messages.iter().zip(1..).map(|(m, seq)| stored(seq, m, stored_at)).collect();
+        let got = history(store, "s-1").await;
+        assert_eq!(got.len(), expected.len());
+        for (got, expected) in got.iter().zip(&expected) {
+            assert_eq!(got, expected, "message {} did not round-trip", expected.seq);
+        }
+        // Object keys compare as maps, whatever order the backend keeps.
+        assert_eq!(
+            got[0].content["message"]["content"][1]["input"],
+            json!({"a": [true, false, null], "m": {}, "z": 1})
+        );
+        assert_eq!(got[1].content.as_str().map(str::len), Some(big.len()));
+    }
+
+    pub async fn concurrent_appends_are_contiguous(store: &dyn Store) {
+        const TASKS: i64 = 8;
+        const CALLS: i64 = 2;
+        const PER_CALL: i64 = 5;
+        let t = base();
+        create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| async move {
+                for call in 0..CALLS {
+                    let batch: Vec<_> =
+                        (0..PER_CALL).map(|n| message("user", json!({"task": task, "call": call, "n": n}))).collect();
+                    store.append_messages("s-1", t + micros(task), &batch).await?;
+                }
+                StoreResult::Ok(())
+            })
+            .collect();
+        for result in futures::future::join_all(tasks).await {
+            result.expect("concurrent append");
+        }
+
+        let all = history(store, "s-1").await;
+        assert_eq!(seqs(&all), (1..=TASKS * CALLS * PER_CALL).collect::<Vec<_>>(), "seqs are 1..=N, unique, no gaps");
+        let field = |m: &StoredMessage, name: &str| m.content[name].as_i64().expect("numeric field");
+        let mut first_seq_of = std::collections::HashMap::new();
+        for m in &all {
+            let (task, call, n) = (field(m, "task"), field(m, "call"), field(m, "n"));
+            assert_eq!(m.created_at, t + micros(task), "timestamp of task {task}");
+            let first = *first_seq_of.entry((task, call)).or_insert(m.seq - n);
+            assert_eq!(m.seq, first + n, "task {task} call {call}: message {n} is not contiguous with its call");
+        }
+        assert_eq!(first_seq_of.len() as i64, TASKS * CALLS, "every call's messages are there");
+        for task in 0..TASKS {
+            assert!(first_seq_of[&(task, 0)] < first_seq_of[&(task, 1)], "task {task}: its calls out of order");
+        }
+        // Calls start on multiples of the batch size since all have 5 messages.
+        assert!(first_seq_of.values().all(|first| (first - 1) % PER_CALL == 0));
+    }
+
+    pub async fn deleted_session_purges_messages_expired_keeps_them(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted, Expired};
+        let t = base();
+        create_sessions(
+            store,
+            &[
+                session("s-del", "alice", t, Active),
+                session("s-exp", "alice", t, Active),
+                session("s-idle", "alice", t, Active),
+            ],
+        )
+        .await;
+        let batch = [message("user", json!("one")), message("assistant", json!({"two": 2}))];
+        for id in ["s-del", "s-exp", "s-idle"] {
+            store.append_messages(id, t, &batch).await.expect("append");
+        }
+
+        // Expired, by hand or by the idle sweep: the history stays, and a
+        // resumed session continues its numbering.
+        assert!(store.set_session_status("s-exp", Expired, t).await.expect("expire"));
+        let swept = store.expire_idle_sessions(t + TimeDelta::hours(1)).await.expect("sweep");
+        assert!(swept.contains(&"s-idle".to_owned()), "s-idle was swept: {swept:?}");
+        for id in ["s-exp", "s-idle"] {
+            assert_eq!(get_session(store, id).await.status, Expired);
+            assert_eq!(history(store, id).await, vec![stored(1, &batch[0], t), stored(2, &batch[1], t)], "{id}");
+        }
+        store.append_messages("s-exp", t, &batch[..1]).await.expect("append to an expired session");
+        assert!(store.set_session_status("s-exp", Active, t + micros(5)).await.expect("resume"));
+        store.append_messages("s-exp", t + micros(5), &batch[1..]).await.expect("append after resume");
+        assert_eq!(seqs(&history(store, "s-exp").await), [1, 2, 3, 4]);
+
+        // Deleted: the history is gone at once, for good.
+        assert!(store.set_session_status("s-del", Deleted, t).await.expect("delete"));
+        assert!(history(store, "s-del").await.is_empty(), "a deleted session's history lingers");
+        assert!(store.list_messages("s-del", 0, 10).await.expect("list").is_empty());
+        assert!(store.append_messages("s-del", t, &batch).await.is_err(), "appended to a deleted session");
+        assert!(history(store, "s-del").await.is_empty());
+        // Deleting an expired session purges it too.
+        assert!(store.set_session_status("s-idle", Deleted, t).await.expect("delete expired"));
+        assert!(history(store, "s-idle").await.is_empty());
+        // The neighbour keeps its history.
+        assert_eq!(seqs(&history(store, "s-exp").await), [1, 2, 3, 4]);
+    }
+
+    pub async fn delete_user_purges_messages(store: &dyn Store) {
+        use SessionStatus::{Active, Expired};
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        create_sessions(
+            store,
+            &[
+                session("a-1", "alice", t, Active),
+                session("a-2", "alice", t, Expired),
+                session("b-1", "bob", t, Active),
+            ],
+        )
+        .await;
+        let batch = [message("user", json!({"secret": "alice's"})), message("assistant", json!("ok"))];
+        for id in ["a-1", "a-2", "b-1"] {
+            store.append_messages(id, t, &batch).await.expect("append");
+        }
+
+        assert!(store.delete_user("alice").await.expect("delete alice"));
+        for id in ["a-1", "a-2"] {
+            assert!(history(store, id).await.is_empty(), "{id}: a deleted user's history lingers");
+            assert!(store.append_messages(id, t, &batch).await.is_err(), "{id}: appended after the user was deleted");
+        }
+        assert_eq!(history(store, "b-1").await, vec![stored(1, &batch[0], t), stored(2, &batch[1], t)]);
+
+        // Deleting an unknown user purges nothing.
+        assert!(!store.delete_user("nobody").await.expect("delete unknown"));
+        assert_eq!(seqs(&history(store, "b-1").await), [1, 2]);
+    }
+
+    pub async fn append_to_unknown_or_deleted_session_fails(store: &dyn Store) {
+        let t = base();
+        create_sessions(store, &[session("s-dead", "alice", t, SessionStatus::Deleted)]).await;
+        let batch = [message("user", json!("lost"))];
+        for id in ["unknown", "s-dead", ""] {
+            match store.append_messages(id, t, &batch).await {
+                Err(StoreError::Internal(_)) => {}
+                other => panic!("append to {id:?}: expected StoreError::Internal, got {other:?}"),
+            }
+            assert!(history(store, id).await.is_empty(), "{id:?}: a failed append left messages");
+        }
+        assert_eq!(store.get_session("unknown").await.expect("get"), None, "a failed append created a session");
+        // Listing an unknown session is not an error.
+        assert!(store.list_messages("unknown", 0, 10).await.expect("list unknown").is_empty());
+
+        // The session created later starts at seq 1.
+        create_sessions(store, &[session("unknown", "alice", t, SessionStatus::Active)]).await;
+        store.append_messages("unknown", t, &batch).await.expect("append once it exists");
+        assert_eq!(history(store, "unknown").await, vec![stored(1, &batch[0], t)]);
+    }
+
+    pub async fn messages_stay_in_their_session(store: &dyn Store) {
+        let t = base();
+        // Ids that differ by case, prefix and suffix only.
+        let ids = ["s-1", "s-10", "S-1", "s-1 "];
+        let sessions: Vec<_> = ids.iter().map(|id| session(id, "alice", t, SessionStatus::Active)).collect();
+        create_sessions(store, &sessions).await;
+        // Interleaved appends: each session numbers its own history from 1.
+        for round in 0..3 {
+            for (i, id) in ids.iter().enumerate() {
+                let batch: Vec<_> =
+                    (0..=i).map(|n| message("user", json!({"session": id, "round": round, "n": n}))).collect();
+                store.append_messages(id, t + micros(round), &batch).await.expect("append");
+            }
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let got = history(store, id).await;
+            let per_round = i as i64 + 1;
+            assert_eq!(seqs(&got), (1..=3 * per_round).collect::<Vec<_>>(), "{id:?}");
+            for m in &got {
+                assert_eq!(m.content["session"], json!(id), "{id:?} shows another session's message");
+                let (round, n) = (m.content["round"].as_i64().expect("round"), m.content["n"].as_i64().expect("n"));
+                assert_eq!(m.seq, round * per_round + n + 1, "{id:?}");
+            }
+        }
+        assert!(history(store, "s-").await.is_empty());
+        assert!(history(store, "s-1%").await.is_empty());
     }
 }

@@ -95,6 +95,67 @@ impl ServerConfig {
         self.extra_yaml.push('\n');
         self
     }
+
+    /// Sessions run the real pinned Claude CLI against `mock` (its port is
+    /// the only TCP port the sandbox lets them reach).
+    pub fn with_cli(self, mock: &mock_model::MockServer) -> Self {
+        self.env("CLAUDE_AGENT_CLI_PATH", claude_cli().display().to_string())
+            .env("ANTHROPIC_BASE_URL", mock.base_url())
+            .yaml(&format!("sandbox:\n  allowed_tcp_ports: [{}]\n", mock.addr.port()))
+    }
+}
+
+/// The pinned Claude CLI (`npm ci --ignore-scripts` at the repo root).
+pub fn claude_cli() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../node_modules/@anthropic-ai/claude-code-linux-x64/claude");
+    assert!(path.is_file(), "{} missing: run `npm ci --ignore-scripts` at the repository root", path.display());
+    path.canonicalize().expect("cli path")
+}
+
+/// One Server-Sent Event as received.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: Value,
+    /// When it arrived, since the reader started.
+    pub at: std::time::Duration,
+}
+
+impl SseEvent {
+    pub fn kind(&self) -> &str {
+        self.data["type"].as_str().unwrap_or("")
+    }
+
+    pub fn id_number(&self) -> u64 {
+        self.id.as_deref().and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("no numeric id: {self:?}"))
+    }
+}
+
+/// Reads an SSE response to its end (or until `stop` says so), parsing each
+/// event's `id:` and JSON `data:`; comments (keep-alives) are skipped.
+pub async fn read_sse(response: Response, mut stop: impl FnMut(&SseEvent) -> bool) -> Vec<SseEvent> {
+    use futures::StreamExt;
+    let started = std::time::Instant::now();
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
+            let data = serde_json::from_str(data.trim()).unwrap_or_else(|e| panic!("frame {data:?}: {e}"));
+            let event = SseEvent { id, data, at: started.elapsed() };
+            let last = stop(&event);
+            events.push(event);
+            if last {
+                return events;
+            }
+        }
+    }
+    events
 }
 
 /// A running server, killed when dropped.
@@ -441,4 +502,21 @@ impl Reply {
     pub fn error_loc(&self) -> Value {
         self.body["detail"][0]["loc"].clone()
     }
+}
+
+/// Pids of the processes started for `session_id` (the CLI is started with
+/// `--session-id <id>` or `--resume <id>`), read from /proc.
+pub fn session_process_pids(session_id: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2).any(|pair| {
+                (pair[0] == b"--session-id" || pair[0] == b"--resume") && pair[1] == session_id.as_bytes()
+            })
+        })
+        .collect()
 }

@@ -1,29 +1,16 @@
 //! Chat end to end: the real server, the real Claude CLI inside the user's
 //! confined worker, and the mock of the remote model.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Reply, ServerConfig, TestServer};
+use integration_tests::{Reply, ServerConfig, TestServer, read_sse};
 use mock_model::{MockModel, MockServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-/// The pinned Claude CLI (`npm ci --ignore-scripts` at the repo root).
-fn claude_cli() -> PathBuf {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../node_modules/@anthropic-ai/claude-code-linux-x64/claude");
-    assert!(path.is_file(), "{} missing: run `npm ci --ignore-scripts` at the repository root", path.display());
-    path.canonicalize().expect("cli path")
-}
-
 /// A server whose sessions run the real CLI against `mock`.
 async fn server_with_cli(mock: &MockServer, extra: ServerConfig) -> TestServer {
-    let config = extra
-        .env("CLAUDE_AGENT_CLI_PATH", claude_cli().display().to_string())
-        .env("ANTHROPIC_BASE_URL", mock.base_url())
-        .yaml(&format!("sandbox:\n  allowed_tcp_ports: [{}]\n", mock.addr.port()));
-    TestServer::start_with(config).await
+    TestServer::start_with(extra.with_cli(mock)).await
 }
 
 async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
@@ -111,7 +98,6 @@ async fn sse_streams_text_as_it_is_produced_with_ids_and_a_final_done() {
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let started = Instant::now();
     let response = server
         .request(Method::POST, "/api/v1/chat/stream", Some(&alice))
         .json(&json!({"session_id": session, "message": "mock:slow 150 8\nmock:reply one two three four five six seven eight"}))
@@ -120,21 +106,11 @@ async fn sse_streams_text_as_it_is_produced_with_ids_and_a_final_done() {
         .expect("stream");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let mut body = response.bytes_stream();
-    let mut buffer = String::new();
-    let mut events: Vec<(String, Value, Duration)> = Vec::new();
-    use futures::StreamExt;
-    while let Some(chunk) = body.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
-            let data = block.lines().find_map(|l| l.strip_prefix("data:")).map(|s| s.trim().to_owned());
-            if let (Some(id), Some(data)) = (id, data) {
-                events.push((id, serde_json::from_str(&data).expect("json frame"), started.elapsed()));
-            }
-        }
-    }
+    let events: Vec<(String, Value, Duration)> = read_sse(response, |_| false)
+        .await
+        .into_iter()
+        .map(|e| (e.id.clone().unwrap_or_default(), e.data, e.at))
+        .collect();
     let kinds: Vec<&str> = events.iter().filter_map(|(_, e, _)| e["type"].as_str()).collect();
     assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
     assert!(kinds.contains(&"result"), "{kinds:?}");
@@ -144,9 +120,10 @@ async fn sse_streams_text_as_it_is_produced_with_ids_and_a_final_done() {
     assert_eq!(text, "one two three four five six seven eight");
     // The first words arrived well before the last.
     assert!(deltas.last().expect("last").2 - deltas[0].2 >= Duration::from_millis(600), "not incremental");
-    // Ids increase without gaps; every frame has the seed's keys.
+    // Ids increase by one without gaps; every frame has the seed's keys.
+    let first: u64 = events[0].0.parse().expect("numeric id");
     for (i, (id, frame, _)) in events.iter().enumerate() {
-        assert_eq!(id, &i.to_string());
+        assert_eq!(id, &(first + i as u64).to_string());
         for key in ["type", "text", "tool_name", "tool_input", "error"] {
             assert!(frame.get(key).is_some(), "{frame}");
         }

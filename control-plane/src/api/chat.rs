@@ -1,5 +1,7 @@
-//! `POST /api/v1/chat` (sync), `POST /api/v1/chat/stream` (SSE) and
-//! `POST /api/v1/sessions/{id}/interrupt`.
+//! `POST /api/v1/chat` (sync), `POST /api/v1/chat/stream` (SSE),
+//! `GET /api/v1/sessions/{id}/stream` (reconnect with `Last-Event-ID`),
+//! `GET /api/v1/sessions/{id}/messages` (history),
+//! `POST /api/v1/sessions/{id}/interrupt` and `GET /api/v1/usage`.
 //!
 //! Seed-compatible: the same body, the same sync response (with
 //! `tool_calls` really filled and the turn's messages, cost and usage
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -23,11 +25,11 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody, FieldError};
-use super::extract::{ApiJson, Validate};
+use super::extract::{ApiJson, ApiQuery, Validate};
 use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::chat::{self, TurnError, TurnOutcome};
+use crate::chat::{self, StreamItem, TurnError, TurnOutcome, WarmScope};
 use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -122,14 +124,25 @@ async fn chat_session(state: &AppState, principal: &Principal, session_id: &str)
     Ok(session)
 }
 
-fn turn_error(error: TurnError) -> ApiError {
+pub(super) fn turn_error(error: TurnError) -> ApiError {
     match error {
         TurnError::Timeout(secs) => {
             ApiError::GatewayTimeout(format!("No result within {secs} s; the turn was interrupted"))
         }
         TurnError::Sandbox(e) => ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 },
+        e @ TurnError::TooManyWarm { scope: WarmScope::User, .. } => {
+            ApiError::TooManyRequests { message: e.to_string(), retry_after_secs: 5 }
+        }
+        e @ (TurnError::TooManyWarm { .. } | TurnError::ServerBusy(_)) => {
+            ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 }
+        }
         other => ApiError::BadGateway(other.to_string()),
     }
+}
+
+/// The final frame of a turn that failed without a CLI result.
+fn error_frame(message: &str) -> Value {
+    frame("error", None, None, Some(message), &Value::Null)
 }
 
 /// Every `tool_use` block of the turn's assistant messages.
@@ -173,11 +186,26 @@ pub async fn chat(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Json<ChatResponse>, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let _turn = state.turns.try_lock(&session.session_id).ok_or_else(busy)?;
-    let outcome = chat::run_turn(&state, &session, &request.message, Duration::from_secs(request.timeout), |_| {})
-        .await
-        .map_err(turn_error)?;
+    let turn = state.conversations.get(&session).try_begin_turn().ok_or_else(busy)?;
+    let conversation = turn.conversation().clone();
+    // A sync turn is streamed to the session's frame log too, so a client can
+    // watch it on GET /api/v1/sessions/{id}/stream.
+    let result = chat::run_turn(&state, &session, &request.message, Duration::from_secs(request.timeout), |message| {
+        for payload in frames_of(message) {
+            conversation.publish(&payload);
+        }
+    })
+    .await;
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            let error = turn_error(error);
+            conversation.publish(&error_frame(&error.to_string()));
+            return Err(error);
+        }
+    };
     record(&state, &session, &outcome).await;
+    drop(turn);
     let result = &outcome.result;
     Ok(Json(ChatResponse {
         session_id: session.session_id.clone(),
@@ -271,38 +299,172 @@ pub async fn chat_stream(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let turn = state.turns.try_lock(&session.session_id).ok_or_else(busy)?;
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let turn = state.conversations.get(&session).try_begin_turn().ok_or_else(busy)?;
+    let conversation = turn.conversation().clone();
+    // Subscribed before the turn starts, so the response misses nothing.
+    let frames = conversation.clone().frames(turn.first_frame, false);
     // The turn runs on its own task: a client that disconnects does not
-    // stop it, and the lock is released when it ends.
+    // stop it, and the turn ends (lock released) when the CLI's result is in.
     tokio::spawn(async move {
-        let _turn = turn;
-        let mut next_id = 0u64;
-        let mut send = |payload: Value| {
-            let event = Event::default().id(next_id.to_string()).data(payload.to_string());
-            next_id += 1;
-            let _ = sender.send(event);
-        };
+        let conversation = turn.conversation().clone();
         let timeout = Duration::from_secs(request.timeout);
         let result = chat::run_turn(&state, &session, &request.message, timeout, |message| {
             for payload in frames_of(message) {
-                send(payload);
+                conversation.publish(&payload);
             }
         })
         .await;
         match result {
             Ok(outcome) => record(&state, &session, &outcome).await,
-            Err(error) => send(frame("error", None, None, Some(&turn_error(error).to_string()), &Value::Null)),
+            Err(error) => {
+                conversation.publish(&error_frame(&turn_error(error).to_string()));
+            }
         }
+        drop(turn);
     });
-    let stream = futures::stream::unfold(receiver, |mut events| async move {
-        events.recv().await.map(|event| (Ok::<_, Infallible>(event), events))
+    Ok(sse_response(frames))
+}
+
+/// An SSE response of a session's frames, with keep-alives and no proxy
+/// buffering.
+fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static) -> Response {
+    use futures::StreamExt;
+    let events = frames.map(|item| {
+        Ok::<_, Infallible>(match item {
+            StreamItem::Frame(frame) => Event::default().id(frame.id.to_string()).data(frame.data.as_str()),
+            StreamItem::Gap { from, resumed_at } => {
+                let missed = resumed_at.saturating_sub(from);
+                let message = format!(
+                    "events before id {resumed_at} are no longer buffered (up to {missed} missed); \
+                     GET /api/v1/sessions/{{id}}/messages has the full history"
+                );
+                let mut gap = frame("gap", None, None, Some(&message), &Value::Null);
+                gap["resumed_at"] = resumed_at.into();
+                Event::default().data(gap.to_string())
+            }
+        })
     });
-    let mut response = Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
+    let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
     let headers = response.headers_mut();
-    headers.insert("cache-control", axum::http::HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", axum::http::HeaderValue::from_static("no"));
-    Ok(response)
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Query of `GET /api/v1/sessions/{id}/stream`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Resume after this event id (the `Last-Event-ID` header wins).
+    pub last_event_id: Option<u64>,
+    /// `true`: stay open across turns until the session is gone.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Reconnect to a session's events: with `Last-Event-ID` (header, or
+/// `last_event_id` in the query), everything after that id still buffered,
+/// then live; without, the running turn from its start. Ends after the
+/// turn's `done`/`error` (at once when no turn runs and nothing was
+/// missed), unless `follow=true`. Frames that were dropped from the buffer
+/// are reported by one `gap` frame.
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{session_id}/stream", tag = "chat",
+    params(("session_id" = String, Path, description = "Session id"), StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Id of the last event received")),
+    responses(
+        (status = 200, description = "`text/event-stream` of the session's frames"),
+        (status = 404, description = "Session not found or expired", body = ErrorBody),
+        (status = 422, description = "Bad Last-Event-ID", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn session_stream(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+) -> Result<Response, ApiError> {
+    let session = chat_session(&state, &principal, &session_id).await?;
+    let header = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+            ApiError::Validation(vec![FieldError::new(
+                "int_parsing",
+                ["header".into(), "Last-Event-ID".into()],
+                "must be an event id received from this API",
+                value.to_str().unwrap_or("").into(),
+            )])
+        })?),
+    };
+    let conversation = state.conversations.get(&session);
+    let from = match header.or(query.last_event_id) {
+        Some(last) => last.saturating_add(1),
+        None => conversation.default_start(),
+    };
+    Ok(sse_response(conversation.frames(from, query.follow)))
+}
+
+/// Query of `GET /api/v1/sessions/{id}/messages`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MessagesQuery {
+    /// Only entries after this `seq` (the previous page's `next_after`).
+    #[serde(default)]
+    pub after: i64,
+    /// Page size, 1–500 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// A page of a session's history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessagePage {
+    pub session_id: String,
+    /// Oldest first: the user's messages, the assistant's, tool results,
+    /// each turn's result (and `error` entries for turns that failed).
+    pub messages: Vec<store::StoredMessage>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// The session's history, oldest first, paginated.
+#[utoipa::path(
+    get, path = "/api/v1/sessions/{session_id}/messages", tag = "chat",
+    params(("session_id" = String, Path, description = "Session id"), MessagesQuery),
+    responses(
+        (status = 200, description = "A page of the history", body = MessagePage),
+        (status = 404, description = "Session not found", body = ErrorBody),
+        (status = 422, description = "Bad query", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn messages(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(session_id): Path<String>,
+    ApiQuery(query): ApiQuery<MessagesQuery>,
+) -> Result<Json<MessagePage>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) || query.after < 0 {
+        let (field, input): (&str, Value) =
+            if query.after < 0 { ("after", query.after.into()) } else { ("limit", limit.into()) };
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "value_error",
+            ["query".into(), field.into()],
+            "limit must be 1-500 and after at least 0",
+            input,
+        )]));
+    }
+    // Expired sessions keep their history (they can be resumed).
+    let session = visible_session(&state, &principal, &session_id).await?;
+    // One more than asked tells whether another page exists.
+    let mut messages = state.store.list_messages(&session.session_id, query.after, limit + 1).await?;
+    let next_after = (messages.len() > limit as usize).then(|| {
+        messages.truncate(limit as usize);
+        messages.last().map_or(query.after, |m| m.seq)
+    });
+    Ok(Json(MessagePage { session_id: session.session_id, messages, next_after }))
 }
 
 /// Interrupt the running turn: the CLI stops and answers with its result;
@@ -369,7 +531,7 @@ pub struct SessionUsage {
 pub async fn usage(
     State(state): State<AppState>,
     principal: Principal,
-    super::extract::ApiQuery(query): super::extract::ApiQuery<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageReport>, ApiError> {
     let user_id = super::sessions::owner_for(&principal, query.user_id.as_deref())?;
     let mut report =

@@ -39,7 +39,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         root, health,
         sessions::create_session, sessions::list_sessions, sessions::get_session,
         sessions::delete_session, sessions::resume_session,
-        chat::chat, chat::chat_stream, chat::interrupt, chat::usage,
+        chat::chat, chat::chat_stream, chat::session_stream, chat::messages, chat::interrupt, chat::usage,
         users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
         users::create_token, users::list_tokens, users::delete_token,
     ),
@@ -72,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sessions/{session_id}", get(sessions::get_session).delete(sessions::delete_session))
         .route("/sessions/{session_id}/resume", post(sessions::resume_session))
         .route("/sessions/{session_id}/interrupt", post(chat::interrupt))
+        .route("/sessions/{session_id}/stream", get(chat::session_stream))
+        .route("/sessions/{session_id}/messages", get(chat::messages))
         .route("/chat", post(chat::chat))
         .route("/chat/stream", post(chat::chat_stream))
         .route("/usage", get(chat::usage))

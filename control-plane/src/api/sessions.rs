@@ -381,8 +381,9 @@ pub async fn create_session(
     // that cannot be set up fails the create (503), leaving no session.
     if let Err(error) = chat::start_cli(&state, &session).await {
         state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await?;
+        state.conversations.forget(&session.session_id);
         tracing::error!(session_id = %session.session_id, user_id = %owner, %error, "session not started");
-        return Err(ApiError::Unavailable { message: error.to_string(), retry_after_secs: 5 });
+        return Err(super::chat::turn_error(error));
     }
     tracing::info!(session_id = %session.session_id, user_id = %owner, "session created");
     let location = HeaderValue::from_str(&format!("/api/v1/sessions/{session_id}"))
@@ -453,7 +454,7 @@ pub async fn delete_session(
         return Err(ApiError::session_not_found());
     }
     state.supervisor.stop_process(&session.user_id, &session.session_id, STOP_GRACE).await;
-    state.turns.forget(&session.session_id);
+    state.conversations.forget(&session.session_id);
     tracing::info!(session_id = %session.session_id, user_id = %session.user_id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -489,6 +490,10 @@ pub async fn resume_session(
         session.status = SessionStatus::Active;
         session.last_active_at = now;
         tracing::info!(session_id = %session_id, "expired session reopened");
+    }
+    // Warm again, so the next message does not pay the CLI's start.
+    if state.supervisor.subscribe(&session.user_id, &session.session_id).await.is_none() {
+        chat::start_cli(&state, &session).await.map_err(super::chat::turn_error)?;
     }
     Ok(Json(session.into()))
 }

@@ -5,9 +5,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
-use super::{ApiToken, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, UsageTotals, User};
+use super::{
+    ApiToken, NewMessage, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, StoredMessage,
+    UsageTotals, User, no_session_for_messages,
+};
 use crate::config::StorageKind;
 
 #[derive(Debug, Default)]
@@ -16,6 +19,8 @@ struct State {
     /// Tokens by id.
     tokens: HashMap<String, ApiToken>,
     sessions: HashMap<String, Session>,
+    /// Each session's history in seq order (seq `i` at index `i - 1`).
+    messages: HashMap<String, Vec<StoredMessage>>,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +78,7 @@ impl Store for MemoryStore {
             s.tokens.retain(|_, t| t.user_id != user_id);
             for session in s.sessions.values_mut().filter(|x| x.user_id == user_id) {
                 session.status = SessionStatus::Deleted;
+                s.messages.remove(&session.session_id);
             }
             true
         })
@@ -196,6 +202,9 @@ impl Store for MemoryStore {
                 if status == SessionStatus::Active {
                     session.last_active_at = at;
                 }
+                if status == SessionStatus::Deleted {
+                    s.messages.remove(session_id);
+                }
                 true
             }
             _ => false,
@@ -235,6 +244,36 @@ impl Store for MemoryStore {
                     x.session_id.clone()
                 })
                 .collect()
+        })
+    }
+
+    async fn append_messages(&self, session_id: &str, at: DateTime<Utc>, messages: &[NewMessage]) -> StoreResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let at = at.trunc_subsecs(6);
+        self.with(|s| {
+            if s.sessions.get(session_id).is_none_or(|x| x.status == SessionStatus::Deleted) {
+                return Err(no_session_for_messages(session_id));
+            }
+            let history = s.messages.entry(session_id.to_owned()).or_default();
+            let last = history.last().map_or(0, |m| m.seq);
+            history.extend(messages.iter().zip(last + 1..).map(|(m, seq)| StoredMessage {
+                seq,
+                kind: m.kind.clone(),
+                content: m.content.clone(),
+                created_at: at,
+            }));
+            Ok(())
+        })?
+    }
+
+    async fn list_messages(&self, session_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<StoredMessage>> {
+        self.with(|s| {
+            s.messages
+                .get(session_id)
+                .map(|history| history.iter().filter(|m| m.seq > after_seq).take(limit as usize).cloned().collect())
+                .unwrap_or_default()
         })
     }
 }

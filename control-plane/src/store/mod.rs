@@ -1,5 +1,6 @@
-//! Persistent state: users, API tokens and sessions, behind one [`Store`]
-//! trait with three implementations (memory, SQLite, PostgreSQL).
+//! Persistent state: users, API tokens, sessions and their chat history,
+//! behind one [`Store`] trait with three implementations (memory, SQLite,
+//! PostgreSQL).
 //!
 //! The SQL backends share one implementation ([`sql`]) whose queries run
 //! unchanged on both; each backend's file only connects and migrates.
@@ -256,6 +257,25 @@ impl SessionQuery {
     }
 }
 
+/// A message to append to a session's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// What the message is (e.g. the CLI's message type); stored as given.
+    pub kind: String,
+    pub content: serde_json::Value,
+}
+
+/// One entry of a session's history, numbered from 1 in append order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StoredMessage {
+    /// Position in the session's history: 1, 2, 3, … with no gaps.
+    pub seq: i64,
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub content: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Storage of users, tokens and sessions. Every method is one atomic step.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -269,7 +289,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, user_id: &str) -> StoreResult<Option<User>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
     async fn count_users(&self) -> StoreResult<u64>;
-    /// Deletes a user and their tokens, and marks their sessions deleted.
+    /// Deletes a user and their tokens, marks their sessions deleted and
+    /// purges those sessions' message history.
     async fn delete_user(&self, user_id: &str) -> StoreResult<bool>;
     /// The user's own uid for privileged sandboxing: the stored one, or the
     /// lowest free one in `range`, stored once. `Unavailable` when the range
@@ -294,7 +315,8 @@ pub trait Store: Send + Sync + 'static {
     /// Sessions in `status`, of one user or of everyone.
     async fn count_sessions(&self, user_id: Option<&str>, status: SessionStatus) -> StoreResult<u64>;
     /// Moves a session to `status` unless it is deleted; false if absent or
-    /// deleted.
+    /// deleted. Moving it to `Deleted` also purges its message history (an
+    /// expired session keeps its history: it can be resumed).
     async fn set_session_status(&self, session_id: &str, status: SessionStatus, at: DateTime<Utc>)
     -> StoreResult<bool>;
     /// Records activity: `last_active_at = at`, `message_count += messages`.
@@ -305,6 +327,26 @@ pub trait Store: Send + Sync + 'static {
     /// Marks active sessions idle since before `cutoff` as expired; returns
     /// their ids.
     async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>>;
+
+    /// Appends `messages` to a session's history, all stamped `at`
+    /// (truncated to microseconds). They get the next seqs after the
+    /// session's last one (the first message of a session is 1), in slice
+    /// order. One call is atomic and its seqs are contiguous: concurrent
+    /// calls for the same session never share or interleave seqs.
+    ///
+    /// An empty slice is a no-op (`Ok`, nothing is checked). Appending to a
+    /// session that does not exist or is deleted changes nothing and returns
+    /// `StoreError::Internal`: callers check the session first, so this is a
+    /// bug or a race with its deletion, like a broken foreign key.
+    async fn append_messages(&self, session_id: &str, at: DateTime<Utc>, messages: &[NewMessage]) -> StoreResult<()>;
+    /// Up to `limit` messages of a session with `seq > after_seq`, ascending.
+    /// Empty for an unknown or deleted session.
+    async fn list_messages(&self, session_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<StoredMessage>>;
+}
+
+/// The error for appending to a session that is absent or deleted.
+fn no_session_for_messages(session_id: &str) -> StoreError {
+    StoreError::Internal(format!("cannot append messages: session {session_id} does not exist or is deleted"))
 }
 
 /// Opens the configured store and applies its migrations.

@@ -10,7 +10,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
-use super::{ApiToken, Role, Session, SessionOptions, SessionStatus, StoreResult, UsageTotals, User};
+use super::{
+    ApiToken, NewMessage, Role, Session, SessionOptions, SessionStatus, StoreError, StoreResult, StoredMessage,
+    UsageTotals, User,
+};
 
 /// How long a token's `last_used_at` may lag: updating it on every request
 /// would turn every authenticated read into a write.
@@ -106,6 +109,30 @@ impl SessionRow {
     }
 }
 
+/// A history entry as stored. `content` is JSON text (TEXT on both backends:
+/// PostgreSQL's JSONB rejects `\u0000` and rewrites the text).
+#[derive(sqlx::FromRow)]
+pub(super) struct MessageRow {
+    seq: i64,
+    kind: String,
+    content: String,
+    created_at: DateTime<Utc>,
+}
+
+impl MessageRow {
+    pub(super) fn into_message(self) -> StoreResult<StoredMessage> {
+        let content = serde_json::from_str(&self.content)
+            .map_err(|e| StoreError::Internal(format!("message {} in store is not JSON: {e}", self.seq)))?;
+        Ok(StoredMessage { seq: self.seq, kind: self.kind, content, created_at: self.created_at })
+    }
+}
+
+/// A message's content as stored.
+pub(super) fn message_content(message: &NewMessage) -> StoreResult<String> {
+    serde_json::to_string(&message.content)
+        .map_err(|e| StoreError::Internal(format!("cannot serialise message content: {e}")))
+}
+
 /// Up to three statuses as separate binds (`status IN ($a, $b, $c)`), padded
 /// with NULL, which never matches.
 pub(super) fn status_binds(statuses: &[SessionStatus]) -> [Option<&'static str>; 3] {
@@ -177,10 +204,19 @@ macro_rules! impl_sql_store {
                     tx.rollback().await?;
                     return Ok(false);
                 }
+                // Marking the sessions first locks them against appends (which
+                // update the session row before inserting), so none slips
+                // between this and the purge.
                 sqlx::query("UPDATE sessions SET status = 'deleted' WHERE user_id = $1")
                     .bind(user_id)
                     .execute(&mut *tx)
                     .await?;
+                sqlx::query(
+                    "DELETE FROM messages WHERE session_id IN (SELECT session_id FROM sessions WHERE user_id = $1)",
+                )
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -410,17 +446,26 @@ macro_rules! impl_sql_store {
                 at: chrono::DateTime<chrono::Utc>,
             ) -> $crate::store::StoreResult<bool> {
                 // Reopening counts as activity, so the TTL starts again.
-                let result = sqlx::query(
-                    "UPDATE sessions SET status = $1, \
+                const SQL: &str = "UPDATE sessions SET status = $1, \
                        last_active_at = CASE WHEN $1 = 'active' THEN $2 ELSE last_active_at END \
-                     WHERE session_id = $3 AND status <> 'deleted'",
-                )
-                .bind(status.as_str())
-                .bind(at)
-                .bind(session_id)
-                .execute(&self.pool)
-                .await?;
-                Ok(result.rows_affected() > 0)
+                     WHERE session_id = $3 AND status <> 'deleted'";
+                if status != $crate::store::SessionStatus::Deleted {
+                    let result =
+                        sqlx::query(SQL).bind(status.as_str()).bind(at).bind(session_id).execute(&self.pool).await?;
+                    return Ok(result.rows_affected() > 0);
+                }
+                // Deleting purges the history in the same transaction; the
+                // update comes first and locks the row against appends.
+                let mut tx = self.pool.begin().await?;
+                let result =
+                    sqlx::query(SQL).bind(status.as_str()).bind(at).bind(session_id).execute(&mut *tx).await?;
+                if result.rows_affected() == 0 {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                sqlx::query("DELETE FROM messages WHERE session_id = $1").bind(session_id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn touch_session(
@@ -478,6 +523,74 @@ macro_rules! impl_sql_store {
                 .fetch_all(&self.pool)
                 .await?;
                 Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            async fn append_messages(
+                &self,
+                session_id: &str,
+                at: chrono::DateTime<chrono::Utc>,
+                messages: &[$crate::store::NewMessage],
+            ) -> $crate::store::StoreResult<()> {
+                if messages.is_empty() {
+                    return Ok(());
+                }
+                let at = chrono::SubsecRound::trunc_subsecs(at, 6);
+                let contents =
+                    messages.iter().map($crate::store::sql::message_content).collect::<Result<Vec<_>, _>>()?;
+                let count = i64::try_from(messages.len())
+                    .map_err(|_| $crate::store::StoreError::Internal("too many messages".into()))?;
+                // Allocating the seqs is the transaction's first statement and
+                // a write: it locks the session row on PostgreSQL and takes
+                // the database's write lock on SQLite (waiting like BEGIN
+                // IMMEDIATE would), so concurrent appends to a session run one
+                // after the other and their seq ranges never overlap.
+                let mut tx = self.pool.begin().await?;
+                let last: Option<(i64,)> = sqlx::query_as(
+                    "UPDATE sessions SET last_message_seq = last_message_seq + $1 \
+                     WHERE session_id = $2 AND status <> 'deleted' RETURNING last_message_seq",
+                )
+                .bind(count)
+                .bind(session_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((last,)) = last else {
+                    tx.rollback().await?;
+                    return Err($crate::store::no_session_for_messages(session_id));
+                };
+                for ((message, content), seq) in messages.iter().zip(&contents).zip(last - count + 1..) {
+                    sqlx::query(
+                        "INSERT INTO messages (session_id, seq, kind, content, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(session_id)
+                    .bind(seq)
+                    .bind(&message.kind)
+                    .bind(content)
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_messages(
+                &self,
+                session_id: &str,
+                after_seq: i64,
+                limit: u32,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::StoredMessage>> {
+                sqlx::query_as::<_, $crate::store::sql::MessageRow>(
+                    "SELECT seq, kind, content, created_at FROM messages WHERE session_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3",
+                )
+                .bind(session_id)
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map($crate::store::sql::MessageRow::into_message)
+                .collect()
             }
         }
     };

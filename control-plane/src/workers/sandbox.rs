@@ -174,6 +174,9 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
         "stream-json",
         "--verbose",
         "--include-partial-messages",
+        // Echo each user message (with our uuid) so a turn knows where its
+        // own output starts.
+        "--replay-user-messages",
         if resume { "--resume" } else { "--session-id" },
     ]
     .map(String::from)

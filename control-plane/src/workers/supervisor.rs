@@ -313,6 +313,19 @@ impl Supervisor {
         sessions.get(session_id).map(|slot| slot.events.subscribe())
     }
 
+    /// Every (user, session) with a CLI process in a live worker.
+    pub async fn running_processes(&self) -> Vec<(String, String)> {
+        let workers = self.workers.lock().await;
+        workers
+            .values()
+            .filter(|worker| !worker.exited.is_cancelled())
+            .flat_map(|worker| {
+                let sessions = worker.sessions.lock().map(|s| s.keys().cloned().collect()).unwrap_or_else(|_| Vec::new());
+                sessions.into_iter().map(|session| (worker.user_id.clone(), session))
+            })
+            .collect()
+    }
+
     /// Writes to a session's CLI stdin.
     pub async fn write_stdin(&self, user_id: &str, session_id: &str, data: String) -> bool {
         match self.worker(user_id).await {

@@ -1,0 +1,287 @@
+//! Streams that outlive their connection, history, and the lifecycle of
+//! warm CLIs: the real server, the real Claude CLI in the user's confined
+//! worker, the mock of the remote model.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::{Reply, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids};
+use mock_model::{MockModel, MockServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
+    server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
+}
+
+/// Opens `POST /api/v1/chat/stream`.
+async fn start_stream(server: &TestServer, token: &str, session: &str, message: &str) -> reqwest::Response {
+    let response = server
+        .request(Method::POST, "/api/v1/chat/stream", Some(token))
+        .json(&json!({"session_id": session, "message": message}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
+
+/// Opens `GET /api/v1/sessions/{id}/stream`, with `Last-Event-ID` if given.
+async fn reconnect(server: &TestServer, token: &str, session: &str, last_event_id: Option<&str>) -> reqwest::Response {
+    let mut request = server.request(Method::GET, &format!("/api/v1/sessions/{session}/stream"), Some(token));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id);
+    }
+    request.send().await.expect("reconnect")
+}
+
+fn text_of(events: &[SseEvent]) -> String {
+    events.iter().filter(|e| e.kind() == "text_delta").filter_map(|e| e.data["text"].as_str()).collect()
+}
+
+/// Waits until `pids` are all gone (zombies count as gone).
+async fn wait_gone(pids: &[u32], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if pids.iter().all(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        }) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn start(mock: &MockServer, config: ServerConfig) -> TestServer {
+    TestServer::start_with(config.with_cli(mock)).await
+}
+
+const SLOW: &str = "mock:slow 150 12\nmock:reply alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu";
+const SLOW_TEXT: &str = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu";
+
+#[tokio::test]
+async fn a_reconnect_with_last_event_id_loses_nothing_and_duplicates_nothing() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+
+    // The client drops its connection after the third text delta.
+    let mut deltas = 0;
+    let first = read_sse(start_stream(&server, &alice, &session, SLOW).await, |e| {
+        deltas += usize::from(e.kind() == "text_delta");
+        deltas == 3
+    })
+    .await;
+    let last_seen = first.last().expect("frames").id.clone().expect("id");
+    assert!(first.iter().all(|e| e.kind() != "done"), "the turn ended before the disconnect: {first:?}");
+
+    let response = reconnect(&server, &alice, &session, Some(&last_seen)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let rest = read_sse(response, |_| false).await;
+    assert_eq!(rest.last().map(SseEvent::kind), Some("done"), "{rest:?}");
+
+    // Together: ids consecutive from the first frame to `done`, the whole text once.
+    let all: Vec<&SseEvent> = first.iter().chain(&rest).collect();
+    let base = all[0].id_number();
+    for (i, event) in all.iter().enumerate() {
+        assert_eq!(event.id_number(), base + i as u64, "lost or repeated frames: {all:?}");
+    }
+    let text: String = all.iter().filter(|e| e.kind() == "text_delta").filter_map(|e| e.data["text"].as_str()).collect();
+    assert_eq!(text, SLOW_TEXT);
+
+    // The turn is over and the client has everything: a reconnect ends at once.
+    let caught_up = reconnect(&server, &alice, &session, rest.last().and_then(|e| e.id.as_deref())).await;
+    assert!(read_sse(caught_up, |_| false).await.is_empty());
+    // From before the turn: the whole turn again, as it was.
+    let replay = read_sse(reconnect(&server, &alice, &session, Some(&(base - 1).to_string())).await, |_| false).await;
+    assert_eq!(replay.len(), all.len());
+    assert_eq!(text_of(&replay), SLOW_TEXT);
+}
+
+#[tokio::test]
+async fn a_watcher_without_last_event_id_sees_a_running_sync_turn_from_its_start() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let turn = {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), session.clone());
+        tokio::spawn(async move {
+            let body = json!({"session_id": session, "message": SLOW});
+            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
+        })
+    };
+    // Let the turn start streaming, then attach.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains(SLOW_TEXT))) {
+        assert!(Instant::now() < deadline, "the turn never reached the model\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let watched = read_sse(reconnect(&server, &alice, &session, None).await, |_| false).await;
+    let reply = turn.await.expect("turn");
+    assert_eq!(reply.body["text"], SLOW_TEXT, "{reply:?}");
+    assert_eq!(text_of(&watched), SLOW_TEXT, "the watcher missed the start: {watched:?}");
+    assert_eq!(watched.last().map(SseEvent::kind), Some("done"));
+    // Nobody else's session: another user gets 404, a bad id 422.
+    let bob = server.user_with_token("bob").await;
+    let foreign = Reply::from(Ok(reconnect(&server, &bob, &session, None).await)).await;
+    foreign.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let bad = Reply::from(Ok(reconnect(&server, &alice, &session, Some("yesterday")).await)).await;
+    bad.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+}
+
+#[tokio::test]
+async fn frames_dropped_from_a_small_buffer_are_reported_as_a_gap() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__STREAM_BUFFER_EVENTS", "5")).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let all = read_sse(start_stream(&server, &alice, &session, SLOW).await, |_| false).await;
+    assert!(all.len() > 10, "{all:?}");
+    let first = all[0].id_number();
+    let replay = read_sse(reconnect(&server, &alice, &session, Some(&first.to_string())).await, |_| false).await;
+    assert_eq!(replay[0].kind(), "gap", "{replay:?}");
+    let resumed_at = replay[0].data["resumed_at"].as_u64().expect("resumed_at");
+    assert_eq!(replay.len(), 6, "the gap and the 5 buffered frames: {replay:?}");
+    assert_eq!(replay[1].id_number(), resumed_at);
+    assert_eq!(replay.last().map(SseEvent::kind), Some("done"));
+    // The same frames as the live stream sent.
+    for event in &replay[1..] {
+        let live = all.iter().find(|e| e.id == event.id).expect("same id in the live stream");
+        assert_eq!(live.data, event.data);
+    }
+}
+
+#[tokio::test]
+async fn history_lists_each_turn_in_order_with_pages() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    assert_eq!(chat(&server, &alice, &session, "first question").await.status, StatusCode::OK);
+    let tool = r#"mock:tool Bash {"command": "echo from-the-tool"}"#;
+    assert_eq!(chat(&server, &alice, &session, tool).await.status, StatusCode::OK);
+
+    let path = format!("/api/v1/sessions/{session}/messages");
+    let page = server.get(&path, &alice).await;
+    assert_eq!(page.status, StatusCode::OK, "{page:?}");
+    let messages = page.body["messages"].as_array().expect("messages").clone();
+    let kinds: Vec<&str> = messages.iter().filter_map(|m| m["kind"].as_str()).collect();
+    // Turn 1: user, assistant, result. Turn 2: user, assistant (tool_use),
+    // user (tool_result), assistant, result.
+    assert_eq!(
+        kinds,
+        ["user", "assistant", "result", "user", "assistant", "user", "assistant", "result"],
+        "{messages:#?}"
+    );
+    let seqs: Vec<i64> = messages.iter().filter_map(|m| m["seq"].as_i64()).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    assert_eq!(messages[0]["content"]["message"]["content"], "first question");
+    assert_eq!(messages[2]["content"]["result"], "echo: first question");
+    assert!(messages[5].to_string().contains("from-the-tool"), "{}", messages[5]);
+    assert!(page.body["next_after"].is_null());
+
+    // Pages of 3 walk the same list.
+    let mut walked: Vec<Value> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = server.get(&format!("{path}?limit=3&after={after}"), &alice).await;
+        walked.extend(page.body["messages"].as_array().expect("page").iter().cloned());
+        match page.body["next_after"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(walked, messages);
+
+    let bob = server.user_with_token("bob").await;
+    server.get(&path, &bob).await.assert_error(StatusCode::NOT_FOUND, "not_found");
+    server.get(&format!("{path}?limit=0"), &alice).await.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+    assert_eq!(server.delete(&format!("/api/v1/sessions/{session}"), &alice).await.status, StatusCode::NO_CONTENT);
+    server.get(&path, &alice).await.assert_error(StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn an_idle_cli_is_stopped_and_the_next_message_resumes_it() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_IDLE_SESSION_TIMEOUT", "2")).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    assert_eq!(chat(&server, &alice, &session, "remember the word walnut").await.status, StatusCode::OK);
+    let pids = session_process_pids(&session);
+    assert!(!pids.is_empty(), "no CLI found for the session");
+    assert!(wait_gone(&pids, Duration::from_secs(10)).await, "the idle CLI {pids:?} still runs\n{}", server.log());
+    assert!(server.log().contains("stopping an idle CLI"), "{}", server.log());
+    // The session is still open; the next message resumes the conversation.
+    let session_state = server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
+    assert_eq!(session_state.body["status"], "active");
+    let next = chat(&server, &alice, &session, "mock:reply resumed").await;
+    assert_eq!(next.body["text"], "resumed", "{next:?}");
+    let last = mock.message_requests().pop().expect("request");
+    assert!(last.messages.iter().any(|m| m.text.contains("walnut")), "the resumed CLI lost the first turn");
+}
+
+#[tokio::test]
+async fn the_least_recently_used_warm_cli_makes_room_for_a_new_one() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS_PER_USER", "2")).await;
+    let alice = server.user_with_token("alice").await;
+    let first = server.session(&alice, json!({})).await;
+    assert_eq!(chat(&server, &alice, &first, "remember the word hazel").await.status, StatusCode::OK);
+    let second = server.session(&alice, json!({})).await;
+    assert_eq!(chat(&server, &alice, &second, "hello").await.status, StatusCode::OK);
+    // Use the first again: the second is now the least recently used.
+    assert_eq!(chat(&server, &alice, &first, "hello again").await.status, StatusCode::OK);
+    let second_pids = session_process_pids(&second);
+    let first_pids = session_process_pids(&first);
+    assert!(!second_pids.is_empty() && !first_pids.is_empty());
+
+    let third = server.session(&alice, json!({})).await;
+    assert!(wait_gone(&second_pids, Duration::from_secs(5)).await, "the LRU CLI was not stopped\n{}", server.log());
+    assert_eq!(session_process_pids(&first), first_pids, "the recently used CLI was stopped");
+    assert_eq!(chat(&server, &alice, &third, "hi").await.status, StatusCode::OK);
+
+    // The evicted session still works, and remembers.
+    let resumed = chat(&server, &alice, &second, "mock:reply back").await;
+    assert_eq!(resumed.body["text"], "back", "{resumed:?}");
+    // Another user has their own cap.
+    let bob = server.user_with_token("bob").await;
+    let bobs = server.session(&bob, json!({})).await;
+    assert_eq!(chat(&server, &bob, &bobs, "hi").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_MAX_CONCURRENT", "1")).await;
+    let alice = server.user_with_token("alice").await;
+    let busy_session = server.session(&alice, json!({})).await;
+    let other = server.session(&alice, json!({})).await;
+    let slow = {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), busy_session.clone());
+        tokio::spawn(async move {
+            let body = json!({"session_id": session, "message": "mock:slow 500 12\nmock:reply one slot only here"});
+            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("one slot"))) {
+        assert!(Instant::now() < deadline, "the slow turn never reached the model\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A turn that cannot get the slot within its timeout: 503.
+    let refused =
+        server.post("/api/v1/chat", &alice, json!({"session_id": other, "message": "hi", "timeout": 1})).await;
+    refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(refused.headers.contains_key("retry-after"));
+    // One with time to wait runs once the slot is free.
+    let waited = chat(&server, &alice, &other, "mock:reply after the wait").await;
+    assert_eq!(waited.body["text"], "after the wait", "{waited:?}");
+    assert_eq!(slow.await.expect("slow").body["text"], "one slot only here");
+}
