@@ -91,8 +91,7 @@ impl TurnOutcome {
 }
 
 /// A user message line in the CLI's stream-json input format. The CLI
-/// echoes it back with this `uuid` (`--replay-user-messages`), which tells
-/// the turn where its own output begins.
+/// keeps `uuid` as the message's id in its transcript.
 pub fn user_message_line(text: &str, uuid: &str) -> String {
     let mut line = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}}).to_string();
     line.push('\n');
@@ -530,14 +529,9 @@ pub async fn run_turn(
     if !state.supervisor.write_stdin(user, id, user_message_line(text, &uuid)).await {
         return Err(TurnError::NotRunning);
     }
-    let mut history = Vec::new();
-    let result = read_turn(state, session, &mut events, &uuid, &mut deadline, timeout, &mut history, &mut on_message)
-        .await;
-    if history.is_empty() {
-        // The CLI never echoed the message (it failed first): keep it anyway.
-        let echo = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}});
-        history.push(NewMessage { kind: "user".into(), content: echo });
-    }
+    let own = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}});
+    let mut history = vec![NewMessage { kind: "user".into(), content: own }];
+    let result = read_turn(state, session, &mut events, &mut deadline, timeout, &mut history, &mut on_message).await;
     if let Err(error) = &result {
         history.push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
     }
@@ -547,15 +541,14 @@ pub async fn run_turn(
     result
 }
 
-/// Reads the CLI's output until the turn's `result`. Output before the echo
-/// of message `uuid` belongs to an earlier turn (a late result after an
-/// interrupt) and is skipped.
-#[allow(clippy::too_many_arguments)]
+/// Reads the CLI's output until the turn's `result`. Every message the CLI
+/// takes ends with exactly one `result`, even one it refuses without
+/// running (a spent budget): the first result is this turn's. (Turns never
+/// overlap, and a turn that ends without its result stops the CLI.)
 async fn read_turn(
     state: &AppState,
     session: &Session,
     events: &mut broadcast::Receiver<ProcessEvent>,
-    uuid: &str,
     deadline: &mut Instant,
     timeout: Duration,
     history: &mut Vec<NewMessage>,
@@ -563,7 +556,6 @@ async fn read_turn(
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
-    let mut echoed = false;
     let mut messages = Vec::new();
     loop {
         let event = match tokio::time::timeout_at(*deadline, events.recv()).await {
@@ -587,15 +579,6 @@ async fn read_turn(
                     continue;
                 };
                 if message["type"] == "control_response" {
-                    continue;
-                }
-                if !echoed {
-                    if message["type"] == "user" && message["uuid"] == uuid {
-                        echoed = true;
-                        history.extend(history_entry(&message));
-                    } else if message["type"] == "result" {
-                        tracing::info!(session_id = %id, "skipped the late result of an earlier turn");
-                    }
                     continue;
                 }
                 on_message(&message);

@@ -101,6 +101,8 @@ pub struct RequestRecord {
     pub stream: bool,
     /// The request's `max_tokens`.
     pub max_tokens: Option<u64>,
+    /// The request's `system` prompt: a string, or its text blocks joined with `\n`.
+    pub system: Option<String>,
     /// The user text of the last user message (system reminders left out), for message requests.
     pub last_user_text: Option<String>,
     /// The `tool_result` blocks of the last user message.
@@ -335,6 +337,7 @@ fn base_record(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> 
         model: None,
         stream: false,
         max_tokens: None,
+        system: None,
         last_user_text: None,
         tool_results: Vec::new(),
         messages: Vec::new(),
@@ -382,6 +385,13 @@ async fn answer_messages(
     record.model = Some(model.clone());
     record.stream = stream;
     record.max_tokens = max_tokens;
+    record.system = match request.get("system") {
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(Value::Array(blocks)) => {
+            Some(blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n"))
+        }
+        _ => None,
+    };
     record.messages = msgs
         .iter()
         .map(|m| MessageRecord {

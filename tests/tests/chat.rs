@@ -232,3 +232,32 @@ async fn conversations_resume_after_a_server_restart() {
     let last = mock.message_requests().pop().expect("request");
     assert!(last.messages.iter().any(|m| m.text.contains("pineapple")), "the resumed CLI lost the first turn");
 }
+
+#[tokio::test]
+async fn session_options_reach_the_cli() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let options = json!({
+        "system_prompt": "You are the option-test assistant.",
+        "model": "claude-option-test",
+        "disallowed_tools": ["Bash"],
+    });
+    let session = server.session(&alice, options).await;
+    let reply = chat(&server, &alice, &session, r#"mock:tool Bash {"command": "touch bash-ran"}"#).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let requests = mock.message_requests();
+    let first = requests.iter().find(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("bash-ran")));
+    let first = first.expect("the turn reached the model");
+    assert_eq!(first.model.as_deref(), Some("claude-option-test"));
+    assert!(first.system.as_deref().is_some_and(|s| s.contains("option-test assistant")), "{:?}", first.system);
+    // A disallowed tool does not run.
+    assert!(!server.users_dir().join("alice/bash-ran").exists(), "a disallowed Bash ran");
+
+    // A budget the first turn exceeds: the CLI stops with its budget subtype.
+    let capped = server.session(&alice, json!({"max_budget_usd": 0.000001})).await;
+    let first = chat(&server, &alice, &capped, "hello").await;
+    let second = chat(&server, &alice, &capped, "again").await;
+    let subtypes = [first.body["subtype"].clone(), second.body["subtype"].clone()];
+    assert!(subtypes.iter().any(|s| s == "error_max_budget_usd"), "{first:?}\n{second:?}");
+}

@@ -96,6 +96,65 @@ fn check_tools(field: &str, tools: &Option<Vec<String>>, errors: &mut Vec<FieldE
     }
 }
 
+/// An MCP server as the CLI's `--mcp-config` takes it. The CLI silently
+/// drops a server it cannot use, so a wrong shape would only show as a
+/// missing tool later: it is refused here instead.
+fn check_mcp_server(name: &str, server: &Value) -> Result<(), String> {
+    let strings = |value: &Value| value.as_object().is_some_and(|m| m.values().all(Value::is_string));
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err("MCP server names are 1-100 printable characters".into());
+    }
+    let Some(fields) = server.as_object() else { return Err("each MCP server must be an object".into()) };
+    let kind = fields.get("type").map_or(Some("stdio"), Value::as_str);
+    let (allowed, required): (&[&str], &str) = match kind {
+        Some("stdio") => (&["type", "command", "args", "env"], "command"),
+        Some("sse" | "http") => (&["type", "url", "headers"], "url"),
+        _ => return Err("`type` must be one of stdio (the default), sse, http".into()),
+    };
+    if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!("unknown field `{unknown}` for a {} server", kind.unwrap_or("stdio")));
+    }
+    if !fields.get(required).and_then(Value::as_str).is_some_and(|v| !v.trim().is_empty()) {
+        return Err(format!("`{required}` (a non-empty string) is required"));
+    }
+    if let Some(url) = fields.get("url").and_then(Value::as_str)
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err("`url` must start with http:// or https://".into());
+    }
+    if fields.get("args").is_some_and(|a| !a.as_array().is_some_and(|a| a.iter().all(Value::is_string))) {
+        return Err("`args` must be a list of strings".into());
+    }
+    for map in ["env", "headers"] {
+        if fields.get(map).is_some_and(|m| !strings(m)) {
+            return Err(format!("`{map}` must map names to strings"));
+        }
+    }
+    Ok(())
+}
+
+/// A plugin: `{"type": "local", "path": "<directory relative to the
+/// session's directory>"}`, loaded with the CLI's `--plugin-dir`.
+fn check_plugin(plugin: &Value) -> Result<(), String> {
+    let fields = plugin.as_object().ok_or("each plugin must be an object")?;
+    if fields.get("type").and_then(Value::as_str) != Some("local") {
+        return Err("only `{\"type\": \"local\", \"path\": ...}` plugins are supported".into());
+    }
+    if let Some(unknown) = fields.keys().find(|k| !matches!(k.as_str(), "type" | "path")) {
+        return Err(format!("unknown field `{unknown}`"));
+    }
+    let path = fields.get("path").and_then(Value::as_str).ok_or("`path` (a string) is required")?;
+    let relative = std::path::Path::new(path);
+    let inside = !path.is_empty()
+        && path.len() <= 1024
+        && relative.is_relative()
+        && relative.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    if !inside {
+        return Err("`path` must be a relative path inside the session's directory (no `..`)".into());
+    }
+    Ok(())
+}
+
 /// Whether any key or string inside `value` holds a NUL character.
 fn contains_nul(value: &Value) -> bool {
     match value {
@@ -145,14 +204,24 @@ impl Validate for CreateSessionRequest {
         check_tools("disallowed_tools", &self.disallowed_tools, &mut errors);
         if let Some(servers) = &self.mcp_servers {
             for (name, server) in servers {
-                if !server.is_object() {
+                if let Err(msg) = check_mcp_server(name, server) {
                     errors.push(FieldError::new(
-                        "dict_type",
+                        "value_error",
                         ["body".into(), "mcp_servers".into(), name.as_str().into()],
-                        "each MCP server must be an object",
+                        msg,
                         server.clone(),
                     ));
                 }
+            }
+        }
+        for (index, plugin) in self.plugins.iter().flatten().enumerate() {
+            if let Err(msg) = check_plugin(plugin) {
+                errors.push(FieldError::new(
+                    "value_error",
+                    ["body".into(), "plugins".into(), index.into()],
+                    msg,
+                    plugin.clone(),
+                ));
             }
         }
         if let Some(metadata) = &self.metadata

@@ -174,9 +174,6 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
         "stream-json",
         "--verbose",
         "--include-partial-messages",
-        // Echo each user message (with our uuid) so a turn knows where its
-        // own output starts.
-        "--replay-user-messages",
         if resume { "--resume" } else { "--session-id" },
     ]
     .map(String::from)
@@ -203,6 +200,13 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
             .filter(|m| !m.is_empty())
             .map(|servers| serde_json::json!({ "mcpServers": servers }).to_string()),
     );
+    // Local plugins, relative to the session's directory (checked at create).
+    for plugin in options.plugins.iter().flatten() {
+        if let Some(path) = plugin["path"].as_str() {
+            args.push("--plugin-dir".to_owned());
+            args.push(Path::new(&session.cwd).join(path).to_string_lossy().into_owned());
+        }
+    }
 
     let home = user_dir.to_string_lossy().into_owned();
     let mut env = vec![
