@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, Bootstrap};
 use crate::config::SandboxMode;
 use crate::config::{AuthMode, Config};
+use crate::proxy::ModelProxy;
 use crate::store::{self, Store};
 use crate::userdir::UserDirs;
 use crate::workers::supervisor::Supervisor;
@@ -37,6 +38,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub user_dirs: UserDirs,
     pub supervisor: Arc<Supervisor>,
+    /// The only model endpoint the sandboxes reach.
+    pub model_proxy: Arc<ModelProxy>,
     /// Each session's turn lock, SSE frame log and last use; the server's
     /// chat slots.
     pub conversations: crate::chat::Conversations,
@@ -70,6 +73,8 @@ pub enum StartError {
     BaseDir { path: std::path::PathBuf, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    ModelProxy(#[from] crate::proxy::ProxyError),
 }
 
 /// A built application, bound to its port, not yet serving.
@@ -77,6 +82,7 @@ pub enum StartError {
 pub struct App {
     pub state: AppState,
     listener: TcpListener,
+    proxy_listener: TcpListener,
 }
 
 impl App {
@@ -92,7 +98,13 @@ impl App {
             tracing::warn!("auth.mode is `none`: every caller is an admin; use only for local development");
         }
         let user_dirs = UserDirs::open(&config.user.base_dir, config.user.auto_create_dir)?;
-        let supervisor = Arc::new(Supervisor::new(config.clone(), store.clone(), user_dirs.base_path().to_path_buf()));
+        let (model_proxy, proxy_listener) = ModelProxy::bind(&config, store.clone()).await?;
+        let supervisor = Arc::new(Supervisor::new(
+            config.clone(),
+            store.clone(),
+            user_dirs.base_path().to_path_buf(),
+            model_proxy.port(),
+        ));
         if supervisor.mode() == SandboxMode::Privileged {
             // Users' uids must traverse the base directory, not list it.
             open_base_for_users(user_dirs.base_path())?;
@@ -106,10 +118,11 @@ impl App {
             store,
             user_dirs,
             supervisor,
+            model_proxy,
             started: Instant::now(),
             admission: tokio::sync::Mutex::new(()),
         }));
-        Ok(Self { state, listener })
+        Ok(Self { state, listener, proxy_listener })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -120,6 +133,12 @@ impl App {
     /// background tasks.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let tasks = TaskTracker::new();
+        let proxy = self.state.model_proxy.clone().serve(self.proxy_listener, shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = proxy.await {
+                tracing::error!(error = %e, "model proxy stopped");
+            }
+        });
         tasks.spawn(session_reaper(self.state.clone(), shutdown.clone()));
         tasks.spawn(crate::chat::idle_cli_reaper(self.state.clone(), shutdown.clone()));
         let router = crate::api::router(self.state.clone());
@@ -186,6 +205,7 @@ async fn session_reaper(state: AppState, shutdown: CancellationToken) {
                         state.supervisor.stop_process(&session.user_id, &session_id, Duration::from_secs(2)).await;
                     }
                     state.conversations.forget(&session_id);
+                    state.model_proxy.revoke_session(&session_id);
                 }
             }
             Ok(_) => {}

@@ -185,6 +185,20 @@ pub struct Conversation {
     /// The next frame id, announced after every push.
     published: watch::Sender<u64>,
     last_used: Mutex<std::time::Instant>,
+    /// The turn lock is held to stop the CLI, not by a turn.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Holds a session's turn lock while its CLI stops.
+struct StopGuard {
+    conversation: Arc<Conversation>,
+    _lock: OwnedMutexGuard<()>,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.conversation.stopping.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Conversation {
@@ -212,9 +226,16 @@ impl Conversation {
     /// The session's turn, if none runs. Dropping the guard ends it (a
     /// client that goes away never leaves its session locked); a turn that
     /// ends without a final frame gets an `error` frame then, so no reader
-    /// waits forever.
-    pub fn try_begin_turn(self: &Arc<Self>) -> Option<TurnGuard> {
-        let lock = self.turn.clone().try_lock_owned().ok()?;
+    /// waits forever. While the session's CLI is being stopped (idle,
+    /// evicted) the turn waits for that instead of being refused.
+    pub async fn begin_turn(self: &Arc<Self>) -> Option<TurnGuard> {
+        let lock = match self.turn.clone().try_lock_owned() {
+            Ok(lock) => lock,
+            Err(_) if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                tokio::time::timeout(STOP_GRACE * 3, self.turn.clone().lock_owned()).await.ok()?
+            }
+            Err(_) => return None,
+        };
         self.touch();
         let first_frame = {
             let mut log = self.log();
@@ -222,6 +243,14 @@ impl Conversation {
             log.next_id
         };
         Some(TurnGuard { conversation: self.clone(), first_frame, _lock: lock })
+    }
+
+    /// Holds the turn lock while the session's CLI is stopped, so no turn
+    /// starts on a dying process; `None` when a turn runs.
+    fn try_begin_stop(self: &Arc<Self>) -> Option<StopGuard> {
+        let lock = self.turn.clone().try_lock_owned().ok()?;
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        Some(StopGuard { conversation: self.clone(), _lock: lock })
     }
 
     /// Appends a frame (a JSON object with a `type`) and wakes readers.
@@ -373,6 +402,7 @@ impl Conversations {
                     log: Mutex::new(log),
                     published: watch::Sender::new(start),
                     last_used: Mutex::new(std::time::Instant::now()),
+                    stopping: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -418,8 +448,31 @@ pub async fn start_cli(
     let user_dir = state.user_dirs.base_path().join(&session.user_id);
     let privileged = state.supervisor.mode() == crate::config::SandboxMode::Privileged;
     let resume = session.message_count > 0;
-    let spec = sandbox::cli_spec(&state.config, session, &user_dir, privileged, resume);
-    let events = state.supervisor.start_process(&session.user_id, &session.session_id, spec).await?;
+    let model = sandbox::ModelEndpoint {
+        base_url: state.model_proxy.base_url(),
+        credential: state.model_proxy.issue(&session.user_id, &session.session_id),
+    };
+    let spec = sandbox::cli_spec(&state.config, session, &user_dir, privileged, resume, &model);
+    let events = match state.supervisor.start_process(&session.user_id, &session.session_id, spec).await {
+        Ok(events) => events,
+        Err(e) => {
+            state.model_proxy.revoke(&model.credential);
+            return Err(e.into());
+        }
+    };
+    // The credential dies with the process.
+    let (proxy, mut watch) = (state.model_proxy.clone(), events.resubscribe());
+    tokio::spawn(async move {
+        loop {
+            match watch.recv().await {
+                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied) | Err(broadcast::error::RecvError::Closed) => {
+                    break;
+                }
+                _ => {}
+            }
+        }
+        proxy.revoke(&model.credential);
+    });
     state.supervisor.write_stdin(&session.user_id, &session.session_id, control_request_line("initialize")).await;
     state.conversations.get(session).touch();
     Ok(events)
@@ -442,12 +495,17 @@ async fn make_room(state: &AppState, user_id: &str) -> Result<(), TurnError> {
             if warm.len() < cap.max(1) as usize {
                 break;
             }
-            let victim = warm
+            let mut idle: Vec<Arc<Conversation>> = warm
                 .iter()
                 .filter_map(|(_, session_id)| state.conversations.existing(session_id))
                 .filter(|c| !c.busy())
-                .max_by_key(|c| c.idle_for());
-            let Some(victim) = victim else { return Err(TurnError::TooManyWarm { scope, cap }) };
+                .collect();
+            idle.sort_by_key(|c| std::cmp::Reverse(c.idle_for()));
+            // The least recently used one whose turn lock we get (a turn may
+            // have started since).
+            let Some((victim, _stop)) = idle.into_iter().find_map(|c| c.try_begin_stop().map(|stop| (c, stop))) else {
+                return Err(TurnError::TooManyWarm { scope, cap });
+            };
             tracing::info!(
                 session_id = %victim.session_id, user_id = %victim.user_id, %scope, cap,
                 "stopping the least recently used warm CLI to make room"
@@ -493,9 +551,16 @@ pub async fn idle_cli_reaper(state: AppState, shutdown: tokio_util::sync::Cancel
         let running = state.supervisor.running_processes().await;
         for conversation in state.conversations.all() {
             let warm = running.iter().any(|(_, session)| *session == conversation.session_id);
-            if warm && !conversation.busy() && conversation.idle_for() >= idle {
+            if warm
+                && conversation.idle_for() >= idle
+                && let Some(stop) = conversation.try_begin_stop()
+            {
                 tracing::info!(session_id = %conversation.session_id, "stopping an idle CLI");
-                state.supervisor.stop_process(&conversation.user_id, &conversation.session_id, STOP_GRACE).await;
+                let state = state.clone();
+                tokio::spawn(async move {
+                    stop_and_wait(&state, &conversation.user_id, &conversation.session_id).await;
+                    drop(stop);
+                });
             }
         }
     }

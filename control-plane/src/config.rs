@@ -94,6 +94,61 @@ pub struct Config {
     pub log: LogConfig,
     /// How each user's worker is confined.
     pub sandbox: SandboxConfig,
+    /// The model proxy every CLI talks to instead of the upstream API.
+    pub model_proxy: ModelProxyConfig,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_write: f64,
+}
+
+/// The loopback reverse proxy between the CLIs and the upstream model API:
+/// per-process credentials, metering, budgets and rate limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelProxyConfig {
+    /// A loopback address (the sandboxes reach it on `port` only).
+    pub host: String,
+    /// 0: a free port, chosen at start.
+    pub port: u16,
+    /// Spending cap per user in USD over `budget_window_hours` (null: none).
+    pub user_budget_usd: Option<f64>,
+    /// 0: the budget covers all time.
+    pub budget_window_hours: u32,
+    /// Model requests per user per minute (0: unlimited).
+    pub requests_per_minute: u32,
+    /// Input + output tokens per user per minute (0: unlimited).
+    pub tokens_per_minute: u64,
+    /// Prices by model name prefix (the longest matching prefix wins;
+    /// `default` for the rest).
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+impl Default for ModelProxyConfig {
+    fn default() -> Self {
+        let price = |input: f64, output: f64| ModelPrice { input, output, cache_read: input / 10.0, cache_write: input * 1.25 };
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            user_budget_usd: None,
+            budget_window_hours: 0,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            prices: [
+                ("default".to_owned(), price(15.0, 75.0)),
+                ("claude-opus".to_owned(), price(15.0, 75.0)),
+                ("claude-sonnet".to_owned(), price(3.0, 15.0)),
+                ("claude-haiku".to_owned(), price(1.0, 5.0)),
+            ]
+            .into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -398,8 +453,8 @@ pub struct SandboxConfig {
     pub uid_max: u32,
     /// Oldest Landlock ABI accepted (6 brings signal and socket scopes).
     pub landlock_min_abi: u8,
-    /// TCP ports a CLI may connect to; default: the port of
-    /// `ANTHROPIC_BASE_URL` (443 without one).
+    /// TCP ports a CLI may connect to besides the model proxy's (which is
+    /// always allowed); null or empty: none.
     pub allowed_tcp_ports: Option<Vec<u16>>,
     /// More read-only paths for every worker (tools, language runtimes).
     pub extra_read_only_paths: Vec<PathBuf>,
@@ -455,27 +510,14 @@ impl Default for SandboxConfig {
 
 impl SandboxConfig {
     /// The TCP ports a CLI may reach: configured, else the model's port.
-    pub fn tcp_ports(&self, anthropic: &AnthropicConfig) -> Vec<u16> {
-        if let Some(ports) = &self.allowed_tcp_ports {
-            return ports.clone();
-        }
-        let port = anthropic.base_url.as_deref().and_then(url_port).unwrap_or(443);
-        vec![port]
+    /// The ports a CLI may connect to: the model proxy's and the extra ones.
+    pub fn tcp_ports(&self, model_proxy_port: u16) -> Vec<u16> {
+        let mut ports = vec![model_proxy_port];
+        ports.extend(self.allowed_tcp_ports.iter().flatten().filter(|&&p| p != model_proxy_port));
+        ports
     }
 }
 
-/// The port of an `http(s)://host[:port]/...` URL (default 80 or 443).
-fn url_port(url: &str) -> Option<u16> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let explicit = host_port
-        .rsplit_once(':')
-        // In `[::1]` the last colon belongs to the address.
-        .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'))
-        .and_then(|(_, port)| port.parse().ok());
-    explicit.or(Some(if scheme == "http" { 80 } else { 443 }))
-}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -624,6 +666,22 @@ impl Config {
                 "api.host",
                 format!("{:?} is not an IP address (or `localhost`)", self.api.host),
             ));
+        }
+        if !self.model_proxy.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+            return Err(ConfigError::invalid(
+                "model_proxy.host",
+                format!("{:?} is not a loopback address; the proxy must not be reachable from outside", self.model_proxy.host),
+            ));
+        }
+        if let Some(budget) = self.model_proxy.user_budget_usd
+            && !(budget >= 0.0 && budget.is_finite())
+        {
+            return Err(ConfigError::invalid("model_proxy.user_budget_usd", "must be a number >= 0 (or null)"));
+        }
+        for (model, price) in &self.model_proxy.prices {
+            if [price.input, price.output, price.cache_read, price.cache_write].iter().any(|p| !(p.is_finite() && *p >= 0.0)) {
+                return Err(ConfigError::invalid("model_proxy.prices", format!("{model}: prices must be numbers >= 0")));
+            }
         }
         if self.api.stream_buffer_bytes < 4096 {
             return Err(ConfigError::invalid("api.stream_buffer_bytes", "must be at least 4096"));
@@ -776,16 +834,11 @@ mod tests {
     }
 
     #[test]
-    fn the_model_port_is_the_default_allowed_port() {
-        let sandbox = SandboxConfig::default();
-        let mut anthropic = AnthropicConfig::default();
-        assert_eq!(sandbox.tcp_ports(&anthropic), [443]);
-        anthropic.base_url = Some("http://127.0.0.1:8123/v1".into());
-        assert_eq!(sandbox.tcp_ports(&anthropic), [8123]);
-        anthropic.base_url = Some("http://localhost".into());
-        assert_eq!(sandbox.tcp_ports(&anthropic), [80]);
-        anthropic.base_url = Some("https://api.example.com/".into());
-        assert_eq!(sandbox.tcp_ports(&anthropic), [443]);
+    fn the_model_proxy_port_comes_first_and_extra_ports_follow() {
+        let mut sandbox = SandboxConfig::default();
+        assert_eq!(sandbox.tcp_ports(4100), [4100]);
+        sandbox.allowed_tcp_ports = Some(vec![4100, 443]);
+        assert_eq!(sandbox.tcp_ports(4100), [4100, 443]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The control plane of claude-agent-http.
 //!
-//! Data flows one way: request → [`auth`] → [`api`] handlers → [`store`] (and,
-//! with the worker and chat issues, the supervisor → worker → CLI), and
-//! events come back the same path. [`app::App`] builds everything in one
+//! Data flows one way: request → [`auth`] → [`api`] handlers → [`store`] and
+//! [`chat`] → the supervisor ([`workers`]) → the user's confined worker → the
+//! CLI, and events come back the same path. The CLI's model requests go to
+//! the [`proxy`], which holds the real credentials. [`app::App`] builds everything in one
 //! place; `main` only parses the command line ([`cli`]).
 
 pub mod api;
@@ -11,6 +12,7 @@ pub mod auth;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod proxy;
 pub mod store;
 pub mod userdir;
 pub mod workers;

@@ -17,8 +17,8 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use control_plane::config::{Secret, StorageKind, StoreLocation};
 use control_plane::store::{
-    self, ApiToken, NewMessage, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, Store,
-    StoreError, StoreResult, StoredMessage, UsageTotals, User,
+    self, ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Role, Session, SessionCursor, SessionOptions,
+    SessionQuery, SessionStatus, Store, StoreError, StoreResult, StoredMessage, UsageTotals, User,
 };
 use serde_json::{Map, Value, json};
 
@@ -166,6 +166,18 @@ conformance!(
     delete_user_purges_messages,
     append_to_unknown_or_deleted_session_fails,
     messages_stay_in_their_session,
+    model_request_roundtrip,
+    model_request_with_nul_is_rejected,
+    duplicate_model_request_conflicts,
+    concurrent_duplicate_model_requests_conflict,
+    model_requests_list_filters,
+    model_requests_pagination,
+    model_usage_since,
+    model_usage_overflow_is_an_error,
+    model_usage_by_session,
+    model_requests_survive_session_deletion,
+    delete_user_removes_model_requests,
+    concurrent_model_requests,
 );
 
 // ---------------------------------------------------------------------------
@@ -311,6 +323,101 @@ async fn walk_pages(store: &dyn Store, user_id: Option<&str>, statuses: &[Sessio
         all.extend(page);
     }
     panic!("pagination did not terminate (user {user_id:?}, statuses {statuses:?}, limit {limit})");
+}
+
+fn usage(input: i64, output: i64, cache_read: i64, cache_creation: i64, cost: f64) -> UsageTotals {
+    UsageTotals {
+        input_tokens: input,
+        output_tokens: output,
+        cache_read_tokens: cache_read,
+        cache_creation_tokens: cache_creation,
+        total_cost_usd: cost,
+    }
+}
+
+/// A proxied `POST /v1/messages` that succeeded. Its cost is a multiple of
+/// 1/64, so sums of such costs are exact in any order.
+fn model_request(request_id: &str, user_id: &str, session_id: &str, at: DateTime<Utc>) -> ModelRequest {
+    ModelRequest {
+        request_id: request_id.to_owned(),
+        user_id: user_id.to_owned(),
+        session_id: session_id.to_owned(),
+        at,
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        model: Some("claude-sonnet-4-5".into()),
+        status: 200,
+        usage: usage(1200, 350, 4000, 800, 0.015_625),
+        duration_ms: 2345,
+        tool_calls: json!([{"name": "Bash", "input_bytes": 18, "input": "{\"command\":\"ls\"}"}]),
+        refusal: None,
+    }
+}
+
+fn requests_query(user_id: Option<&str>, session_id: Option<&str>, limit: u32) -> ModelRequestQuery {
+    ModelRequestQuery {
+        user_id: user_id.map(str::to_owned),
+        session_id: session_id.map(str::to_owned),
+        before: None,
+        limit,
+    }
+}
+
+fn request_ids(requests: &[ModelRequest]) -> Vec<&str> {
+    requests.iter().map(|r| r.request_id.as_str()).collect()
+}
+
+async fn record_requests(store: &dyn Store, requests: &[ModelRequest]) {
+    for r in requests {
+        store.record_model_request(r).await.unwrap_or_else(|e| panic!("record model request {}: {e}", r.request_id));
+    }
+}
+
+async fn list_requests(store: &dyn Store, user_id: Option<&str>, session_id: Option<&str>) -> Vec<ModelRequest> {
+    store.list_model_requests(&requests_query(user_id, session_id, u32::MAX)).await.expect("list model requests")
+}
+
+/// The reference listing: the matching requests, newest first by
+/// `(at, request_id)`.
+fn expected_requests<'a>(
+    all: impl IntoIterator<Item = &'a ModelRequest>,
+    keep: impl Fn(&ModelRequest) -> bool,
+) -> Vec<ModelRequest> {
+    let mut found: Vec<ModelRequest> = all.into_iter().filter(|r| keep(r)).cloned().collect();
+    found.sort_by(|a, b| (b.at, &b.request_id).cmp(&(a.at, &a.request_id)));
+    found
+}
+
+/// The reference usage: request count and sums.
+fn expected_usage<'a>(requests: impl IntoIterator<Item = &'a ModelRequest>) -> (i64, UsageTotals) {
+    let mut total = (0, UsageTotals::default());
+    for r in requests {
+        total.0 += 1;
+        total.1 += &r.usage;
+    }
+    total
+}
+
+/// Follows `before` cursors page by page until an empty page.
+async fn walk_requests(
+    store: &dyn Store,
+    user_id: Option<&str>,
+    session_id: Option<&str>,
+    limit: u32,
+) -> Vec<ModelRequest> {
+    let mut all = Vec::new();
+    let mut before = None;
+    for _ in 0..1000 {
+        let query = ModelRequestQuery { before: before.clone(), ..requests_query(user_id, session_id, limit) };
+        let page = store.list_model_requests(&query).await.expect("list model requests page");
+        assert!(page.len() <= limit as usize, "page of {} rows exceeds limit {limit}", page.len());
+        let Some(last) = page.last() else {
+            return all;
+        };
+        before = Some((last.at, last.request_id.clone()));
+        all.extend(page);
+    }
+    panic!("model request pagination did not terminate (user {user_id:?}, session {session_id:?}, limit {limit})");
 }
 
 // ---------------------------------------------------------------------------
@@ -1354,5 +1461,513 @@ mod cases {
         }
         assert!(history(store, "s-").await.is_empty());
         assert!(history(store, "s-1%").await.is_empty());
+    }
+    pub async fn model_request_roundtrip(store: &dyn Store) {
+        let t = base();
+        let input: String = "é\"\\\n\u{0}☃ {}".repeat(200).chars().take(1000).collect();
+        let full = ModelRequest {
+            request_id: "5d0f6f3e-8f0b-4b8e-9d6c-2f1a7c3e9b10".into(),
+            user_id: "alice".into(),
+            session_id: "0b7c3f0e-5d7a-4c47-9a43-9b7e3c1d2a10".into(),
+            // Stored at microsecond precision: nanoseconds are truncated.
+            at: t + TimeDelta::nanoseconds(123_456_789),
+            method: "POST".into(),
+            path: "/v1/messages?beta=true".into(),
+            model: Some("claude-opus-4-1-20250805".into()),
+            status: 200,
+            usage: usage(i64::MAX, 9_007_199_254_740_993, 3_000_000_000_000, i64::from(u32::MAX) + 1, 0.1 + 0.2),
+            duration_ms: i64::from(i32::MAX) * 3,
+            tool_calls: json!([
+                {"name": "Bash", "input_bytes": 4096, "input": input},
+                {
+                    "name": "mcp__remote__query",
+                    "input_bytes": 0,
+                    "input": "",
+                    "extra": {"nested": [1, -2.5, 1e-7, u64::MAX, null, true, {"deep": {"deeper": ["x"]}}], "e": {}},
+                },
+                {"name": "ünïcödé ✓ 你好 🌍", "input_bytes": 1, "input": "\u{1}\u{1f}\u{7f}"},
+            ]),
+            refusal: None,
+        };
+        let refused = ModelRequest {
+            request_id: "r-refused".into(),
+            user_id: "alice".into(),
+            session_id: "a session id with spaces".into(),
+            at: t - TimeDelta::days(400) + micros(1),
+            method: "GET".into(),
+            path: "/v1/models".into(),
+            model: None,
+            status: 429,
+            usage: UsageTotals::default(),
+            duration_ms: 0,
+            tool_calls: json!([]),
+            refusal: Some("budget exceeded: $12.50 of $12.50 this month — \"try later\"".into()),
+        };
+        let upstream_error = ModelRequest {
+            request_id: "r-502".into(),
+            user_id: "bob".into(),
+            session_id: String::new(),
+            status: 502,
+            model: Some(String::new()),
+            refusal: Some(String::new()),
+            usage: usage(1, 0, 0, 0, 1.0 / 3.0),
+            tool_calls: json!([{"name": "Read", "input_bytes": 2, "input": "{}"}]),
+            ..model_request("r-502", "bob", "", t + TimeDelta::milliseconds(5))
+        };
+        record_requests(store, &[full.clone(), refused.clone(), upstream_error.clone()]).await;
+
+        let full_stored = ModelRequest { at: t + micros(123_456), ..full.clone() };
+        assert_eq!(
+            list_requests(store, None, None).await,
+            vec![full_stored.clone(), upstream_error.clone(), refused.clone()]
+        );
+        let got = list_requests(store, Some("alice"), Some(&full.session_id)).await;
+        assert_eq!(got, vec![full_stored.clone()]);
+        assert_eq!(got[0].tool_calls[0]["input"].as_str().map(|s| s.chars().count()), Some(1000));
+        assert_eq!(got[0].usage.total_cost_usd, 0.1 + 0.2);
+        assert_eq!(list_requests(store, None, Some("a session id with spaces")).await, vec![refused]);
+        assert_eq!(list_requests(store, Some("bob"), Some("")).await, vec![upstream_error.clone()]);
+
+        // One request's usage comes back exactly, at the limits of i64.
+        assert_eq!(store.model_usage("bob", None).await.expect("usage"), (1, upstream_error.usage));
+        let (count, alice) = store.model_usage("alice", Some(t)).await.expect("usage");
+        assert_eq!((count, alice), (1, full.usage));
+        assert_eq!(
+            store.model_usage_by_session("alice").await.expect("by session")[0],
+            (full.session_id.clone(), 1, full.usage)
+        );
+
+        // The serialised form keeps the tool calls as a JSON array.
+        let json = serde_json::to_value(&full_stored).expect("serialise");
+        assert!(json["tool_calls"].is_array());
+        assert_eq!(serde_json::from_value::<ModelRequest>(json).expect("deserialise"), full_stored);
+    }
+
+    pub async fn model_request_with_nul_is_rejected(store: &dyn Store) {
+        let t = base();
+        let good = model_request("r-1", "alice", "s-1", t);
+        let bad = [
+            ModelRequest { model: Some("claude\u{0}".into()), ..good.clone() },
+            ModelRequest { path: "/v1/messages\u{0}".into(), ..good.clone() },
+            ModelRequest { refusal: Some("\u{0}".into()), ..good.clone() },
+            ModelRequest { method: "PO\u{0}ST".into(), ..good.clone() },
+            ModelRequest { session_id: "s-1\u{0}".into(), ..good.clone() },
+            ModelRequest { user_id: "\u{0}alice".into(), ..good.clone() },
+            ModelRequest { request_id: "r-1\u{0}".into(), ..good.clone() },
+        ];
+        for request in &bad {
+            match store.record_model_request(request).await {
+                Err(StoreError::Internal(_)) => {}
+                other => panic!("recording {request:?}: expected StoreError::Internal, got {other:?}"),
+            }
+        }
+        assert!(list_requests(store, None, None).await.is_empty(), "a rejected request was recorded");
+        // A NUL inside the tool calls' JSON is escaped, so it is stored.
+        let escaped = ModelRequest { tool_calls: json!([{"name": "x\u{0}", "input": "\u{0}"}]), ..good };
+        store.record_model_request(&escaped).await.expect("record");
+        assert_eq!(list_requests(store, None, None).await, vec![escaped]);
+    }
+
+    pub async fn duplicate_model_request_conflicts(store: &dyn Store) {
+        let t = base();
+        let original = model_request("r-1", "alice", "s-1", t);
+        store.record_model_request(&original).await.expect("record");
+        let clash = ModelRequest {
+            status: 500,
+            usage: usage(1, 1, 1, 1, 1.0),
+            ..model_request("r-1", "bob", "s-2", t + TimeDelta::seconds(1))
+        };
+        assert_conflict(store.record_model_request(&clash).await, "second model request with the same id");
+        assert_conflict(store.record_model_request(&original).await, "the same model request twice");
+        assert_eq!(list_requests(store, None, None).await, vec![original.clone()]);
+        assert_eq!(store.model_usage("alice", None).await.expect("usage"), (1, original.usage));
+        assert_eq!(store.model_usage("bob", None).await.expect("usage"), (0, UsageTotals::default()));
+        // Ids are case-sensitive.
+        let upper = model_request("R-1", "alice", "s-1", t);
+        store.record_model_request(&upper).await.expect("record an id differing by case");
+        assert_eq!(request_ids(&list_requests(store, None, None).await), ["r-1", "R-1"]);
+    }
+
+    pub async fn concurrent_duplicate_model_requests_conflict(store: &dyn Store) {
+        let t = base();
+        let attempts: Vec<_> = (0..8_i64)
+            .map(|i| async move {
+                let r = model_request("racer", if i % 2 == 0 { "alice" } else { "bob" }, "s-1", t + micros(i));
+                store.record_model_request(&r).await
+            })
+            .collect();
+        let results = futures::future::join_all(attempts).await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "exactly one record must win: {results:?}");
+        for result in results.into_iter().filter(Result::is_err) {
+            assert_conflict(result, "losing concurrent record");
+        }
+        assert_eq!(list_requests(store, None, None).await.len(), 1);
+        let (alice, _) = store.model_usage("alice", None).await.expect("usage");
+        let (bob, _) = store.model_usage("bob", None).await.expect("usage");
+        assert_eq!(alice + bob, 1);
+    }
+
+    pub async fn model_requests_list_filters(store: &dyn Store) {
+        let t = base();
+        let requests = [
+            model_request("r-1", "alice", "a-1", t + TimeDelta::seconds(1)),
+            model_request("r-2", "alice", "a-2", t + TimeDelta::seconds(2)),
+            model_request("r-3", "alice", "a-1", t + TimeDelta::seconds(3)),
+            model_request("r-4", "bob", "b-1", t + TimeDelta::seconds(4)),
+            // Another user's request in alice's session (shared id space).
+            model_request("r-5", "bob", "a-1", t + TimeDelta::seconds(5)),
+            model_request("r-6", "alice", "a-1", t),
+            // Ids differing from the filters by case, prefix and suffix.
+            model_request("r-7", "Alice", "A-1", t + micros(7)),
+            model_request("r-8", "alice-2", "a-1 ", t + micros(8)),
+            // Same `at`: ordered by id, bytewise, descending.
+            model_request("r-b", "alice", "a-2", t + micros(9)),
+            model_request("r-B", "alice", "a-2", t + micros(9)),
+            model_request("r-a", "alice", "a-2", t + micros(9)),
+        ];
+        // Recorded out of order.
+        for i in [4, 9, 0, 10, 2, 6, 8, 1, 5, 3, 7] {
+            store.record_model_request(&requests[i]).await.expect("record");
+        }
+
+        let check = async |user: Option<&str>, session: Option<&str>| {
+            let want = expected_requests(&requests, |r| {
+                user.is_none_or(|u| r.user_id == u) && session.is_none_or(|x| r.session_id == x)
+            });
+            let got = list_requests(store, user, session).await;
+            assert_eq!(request_ids(&got), request_ids(&want), "user {user:?}, session {session:?}");
+            assert_eq!(got, want);
+            for limit in [0_u32, 1, 2] {
+                let page =
+                    store.list_model_requests(&requests_query(user, session, limit)).await.expect("list with a limit");
+                assert_eq!(page, want[..want.len().min(limit as usize)], "user {user:?}, session {session:?}");
+            }
+            want.len()
+        };
+        assert_eq!(check(None, None).await, requests.len());
+        assert_eq!(check(Some("alice"), None).await, 7);
+        assert_eq!(check(Some("bob"), None).await, 2);
+        assert_eq!(check(None, Some("a-1")).await, 4);
+        assert_eq!(check(Some("alice"), Some("a-1")).await, 3);
+        assert_eq!(check(Some("bob"), Some("a-1")).await, 1);
+        assert_eq!(check(Some("alice"), Some("a-2")).await, 4);
+        assert_eq!(check(Some("bob"), Some("a-2")).await, 0);
+        for (user, session) in [(Some("ALICE"), None), (Some("alice "), None), (None, Some("a-")), (None, Some("a-1%"))]
+        {
+            assert_eq!(check(user, session).await, 0, "user {user:?}, session {session:?}");
+        }
+        assert_eq!(request_ids(&list_requests(store, Some("alice"), Some("a-2")).await), ["r-2", "r-b", "r-a", "r-B"]);
+    }
+
+    pub async fn model_requests_pagination(store: &dyn Store) {
+        let t = base();
+        let users = ["alice", "bob"];
+        let sessions = ["s-1", "s-2", "s-3"];
+        // Several rows share each `at`; ids are not in time order.
+        let requests: Vec<ModelRequest> = (0..30_i64)
+            .map(|i| {
+                let at = match i % 5 {
+                    0 => t,
+                    1 => t + micros(1),
+                    2 => t + TimeDelta::milliseconds(1),
+                    3 => t + TimeDelta::seconds(1) + micros(999_999),
+                    _ => t - TimeDelta::days(1),
+                };
+                let id = format!("req-{:02}", (i * 7) % 30);
+                model_request(&id, users[(i % 2) as usize], sessions[(i % 3) as usize], at)
+            })
+            .collect();
+        record_requests(store, &requests).await;
+
+        for user in [None, Some("alice"), Some("bob")] {
+            for session in [None, Some("s-1"), Some("s-3")] {
+                let want = expected_requests(&requests, |r| {
+                    user.is_none_or(|u| r.user_id == u) && session.is_none_or(|x| r.session_id == x)
+                });
+                assert!(!want.is_empty());
+                for limit in [1_u32, 2, 3, 4, 7, 29, 30, 31] {
+                    let walked = walk_requests(store, user, session, limit).await;
+                    assert_eq!(
+                        request_ids(&walked),
+                        request_ids(&want),
+                        "user {user:?}, session {session:?}, pages of {limit}"
+                    );
+                }
+            }
+        }
+
+        // `before` is exclusive on (at, request_id), and a cursor finer than
+        // microseconds means the same on every backend.
+        let cursors = [
+            (t + micros(1), "req-10".to_owned()),
+            (t + micros(1), String::new()),
+            (t + micros(1), "~".to_owned()),
+            (t + micros(1) + TimeDelta::nanoseconds(1), String::new()),
+            (t + micros(1) - TimeDelta::nanoseconds(1), "~".to_owned()),
+            (t + TimeDelta::nanoseconds(999), "req-00".to_owned()),
+            (t - TimeDelta::days(2), "~".to_owned()),
+            (t + TimeDelta::days(1), String::new()),
+        ];
+        for before in cursors {
+            for user in [None, Some("bob")] {
+                let want = expected_requests(&requests, |r| {
+                    user.is_none_or(|u| r.user_id == u)
+                        && (r.at < before.0 || (r.at == before.0 && r.request_id < before.1))
+                });
+                let query = ModelRequestQuery { before: Some(before.clone()), ..requests_query(user, None, 100) };
+                let got = store.list_model_requests(&query).await.expect("list before");
+                assert_eq!(request_ids(&got), request_ids(&want), "before {before:?}, user {user:?}");
+            }
+        }
+    }
+
+    pub async fn model_usage_since(store: &dyn Store) {
+        let t = base();
+        let with_usage = |id: &str, user: &str, at: DateTime<Utc>, usage: UsageTotals| ModelRequest {
+            usage,
+            ..model_request(id, user, "s-1", at)
+        };
+        let requests = [
+            with_usage("old", "alice", t - TimeDelta::days(1), usage(1, 2, 3, 4, 0.5)),
+            with_usage("edge-1", "alice", t, usage(10, 20, 30, 40, 0.25)),
+            with_usage("edge-2", "alice", t, usage(100, 200, 300, 400, 0.125)),
+            with_usage("next", "alice", t + micros(1), usage(1000, 2000, 3000, 4000, 0.0625)),
+            with_usage("late", "alice", t + TimeDelta::hours(1), usage(10_000, 20_000, 30_000, 40_000, 2.0)),
+            with_usage("refused", "alice", t + TimeDelta::hours(2), UsageTotals::default()),
+            with_usage("bob", "bob", t, usage(7, 7, 7, 7, 7.0)),
+        ];
+        record_requests(store, &requests).await;
+        let alice: Vec<&ModelRequest> = requests.iter().filter(|r| r.user_id == "alice").collect();
+        let since = |bound: DateTime<Utc>| expected_usage(alice.iter().copied().filter(|r| r.at >= bound));
+
+        assert_eq!(store.model_usage("alice", None).await.expect("usage"), expected_usage(alice.iter().copied()));
+        assert_eq!(
+            store.model_usage("alice", None).await.expect("usage"),
+            (6, usage(11_111, 22_222, 33_333, 44_444, 2.9375))
+        );
+        for bound in [
+            t - TimeDelta::days(2),
+            t - TimeDelta::days(1),
+            t - TimeDelta::nanoseconds(1),
+            // At == since is included.
+            t,
+            t + TimeDelta::nanoseconds(1),
+            t + micros(1),
+            t + micros(2),
+            t + TimeDelta::hours(1),
+            t + TimeDelta::hours(2),
+        ] {
+            assert_eq!(store.model_usage("alice", Some(bound)).await.expect("usage"), since(bound), "since {bound:?}");
+        }
+        assert_eq!(
+            store.model_usage("alice", Some(t)).await.expect("usage"),
+            (5, usage(11_110, 22_220, 33_330, 44_440, 2.4375))
+        );
+        assert_eq!(store.model_usage("alice", Some(t + TimeDelta::nanoseconds(1))).await.expect("usage").0, 3);
+        let nothing = (0, UsageTotals::default());
+        assert_eq!(store.model_usage("alice", Some(t + TimeDelta::hours(3))).await.expect("usage"), nothing);
+        assert_eq!(store.model_usage("bob", None).await.expect("usage"), (1, usage(7, 7, 7, 7, 7.0)));
+        assert_eq!(store.model_usage("bob", Some(t + micros(1))).await.expect("usage"), nothing);
+        assert_eq!(store.model_usage("nobody", None).await.expect("usage"), nothing);
+        assert_eq!(store.model_usage("ALICE", Some(t)).await.expect("usage"), nothing);
+    }
+
+    pub async fn model_usage_overflow_is_an_error(store: &dyn Store) {
+        let t = base();
+        let half = i64::MAX / 2 + 1;
+        let requests = [
+            ModelRequest { usage: usage(half, 1, 1, 1, 1.0), ..model_request("r-1", "alice", "s-1", t) },
+            ModelRequest { usage: usage(half, 1, 1, 1, 1.0), ..model_request("r-2", "alice", "s-1", t + micros(1)) },
+            ModelRequest { usage: usage(i64::MAX, 0, 0, 0, 0.0), ..model_request("r-3", "bob", "s-2", t) },
+        ];
+        record_requests(store, &requests).await;
+        // Each request alone sums fine.
+        assert_eq!(store.model_usage("alice", Some(t + micros(1))).await.expect("usage"), (1, requests[1].usage));
+        assert_eq!(store.model_usage("bob", None).await.expect("usage"), (1, requests[2].usage));
+        // Both overflow i64: an error, never a wrapped or clamped total.
+        match store.model_usage("alice", None).await {
+            Err(StoreError::Internal(_)) => {}
+            other => panic!("overflowing model usage: expected StoreError::Internal, got {other:?}"),
+        }
+        match store.model_usage_by_session("alice").await {
+            Err(StoreError::Internal(_)) => {}
+            other => panic!("overflowing usage by session: expected StoreError::Internal, got {other:?}"),
+        }
+        assert_eq!(list_requests(store, Some("alice"), None).await.len(), 2);
+    }
+
+    pub async fn model_usage_by_session(store: &dyn Store) {
+        let t = base();
+        let with_usage = |id: &str, user: &str, session: &str, usage: UsageTotals| ModelRequest {
+            usage,
+            ..model_request(id, user, session, t)
+        };
+        let requests = [
+            with_usage("r-1", "alice", "s-b", usage(1, 2, 3, 4, 0.5)),
+            with_usage("r-2", "alice", "s-a", usage(10, 20, 30, 40, 0.25)),
+            with_usage("r-3", "alice", "s-b", usage(100, 200, 300, 400, 0.125)),
+            with_usage("r-4", "alice", "S-c", usage(1000, 2000, 3000, 4000, 1.5)),
+            with_usage("r-5", "alice", "s-a ", usage(5, 5, 5, 5, 0.0)),
+            with_usage("r-6", "alice", "s-b", UsageTotals::default()),
+            with_usage("r-7", "alice", "", usage(3_000_000_000_000, 1, 0, 0, 1024.0)),
+            with_usage("r-8", "bob", "s-a", usage(9, 9, 9, 9, 9.0)),
+            with_usage("r-9", "bob", "s-z", usage(8, 8, 8, 8, 8.0)),
+        ];
+        record_requests(store, &requests).await;
+
+        let by_session = store.model_usage_by_session("alice").await.expect("by session");
+        assert_eq!(
+            by_session,
+            vec![
+                (String::new(), 1, usage(3_000_000_000_000, 1, 0, 0, 1024.0)),
+                ("S-c".to_owned(), 1, usage(1000, 2000, 3000, 4000, 1.5)),
+                ("s-a".to_owned(), 1, usage(10, 20, 30, 40, 0.25)),
+                ("s-a ".to_owned(), 1, usage(5, 5, 5, 5, 0.0)),
+                ("s-b".to_owned(), 3, usage(101, 202, 303, 404, 0.625)),
+            ]
+        );
+        // The sessions add up to the user's total.
+        let mut total = (0, UsageTotals::default());
+        for (_, count, usage) in &by_session {
+            total.0 += count;
+            total.1 += usage;
+        }
+        assert_eq!(store.model_usage("alice", None).await.expect("usage"), total);
+        assert_eq!(
+            store.model_usage_by_session("bob").await.expect("by session"),
+            vec![("s-a".to_owned(), 1, usage(9, 9, 9, 9, 9.0)), ("s-z".to_owned(), 1, usage(8, 8, 8, 8, 8.0))]
+        );
+        assert!(store.model_usage_by_session("nobody").await.expect("by session").is_empty());
+        assert!(store.model_usage_by_session("Alice").await.expect("by session").is_empty());
+    }
+
+    pub async fn model_requests_survive_session_deletion(store: &dyn Store) {
+        use SessionStatus::{Active, Deleted};
+        let t = base();
+        create_users(store, &["alice"]).await;
+        create_sessions(store, &[session("s-1", "alice", t, Active), session("s-2", "alice", t, Active)]).await;
+        let before = [model_request("r-1", "alice", "s-1", t), model_request("r-2", "alice", "s-1", t + micros(1))];
+        record_requests(store, &before).await;
+        store.append_messages("s-1", t, &[message("user", json!("hi"))]).await.expect("append");
+
+        assert!(store.set_session_status("s-1", Deleted, t + micros(2)).await.expect("delete session"));
+        assert!(history(store, "s-1").await.is_empty(), "the session's history is purged");
+        assert_eq!(list_requests(store, None, Some("s-1")).await, expected_requests(&before, |_| true));
+
+        // A request that finishes after its session was deleted is recorded,
+        // and so is one for a session that never existed.
+        let after = [
+            model_request("r-3", "alice", "s-1", t + micros(3)),
+            model_request("r-4", "alice", "never-created", t + micros(4)),
+        ];
+        record_requests(store, &after).await;
+        let all: Vec<ModelRequest> = before.iter().chain(&after).cloned().collect();
+        assert_eq!(list_requests(store, Some("alice"), None).await, expected_requests(&all, |_| true));
+        assert_eq!(store.model_usage("alice", None).await.expect("usage"), expected_usage(&all));
+        let sessions: Vec<(String, i64)> = store
+            .model_usage_by_session("alice")
+            .await
+            .expect("by session")
+            .into_iter()
+            .map(|(id, count, _)| (id, count))
+            .collect();
+        assert_eq!(sessions, [("never-created".to_owned(), 1), ("s-1".to_owned(), 3)]);
+        // Recording does not create or revive sessions.
+        assert_eq!(get_session(store, "s-1").await.status, Deleted);
+        assert_eq!(store.get_session("never-created").await.expect("get"), None);
+    }
+
+    pub async fn delete_user_removes_model_requests(store: &dyn Store) {
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        create_sessions(
+            store,
+            &[session("a-1", "alice", t, SessionStatus::Active), session("b-1", "bob", t, SessionStatus::Active)],
+        )
+        .await;
+        let alice = [
+            model_request("a-r1", "alice", "a-1", t),
+            model_request("a-r2", "alice", "a-1", t + micros(1)),
+            model_request("a-r3", "alice", "b-1", t + micros(2)),
+        ];
+        let others = [
+            model_request("b-r1", "bob", "b-1", t),
+            model_request("b-r2", "bob", "a-1", t + micros(3)),
+            // Not users: recorded all the same, and not alice's.
+            model_request("c-r1", "carol", "c-1", t),
+            model_request("x-r1", "Alice", "a-1", t),
+            model_request("x-r2", "alice-2", "a-1", t),
+        ];
+        record_requests(store, &alice).await;
+        record_requests(store, &others).await;
+
+        assert!(store.delete_user("alice").await.expect("delete alice"));
+        assert!(list_requests(store, Some("alice"), None).await.is_empty(), "a deleted user's requests linger");
+        assert_eq!(store.model_usage("alice", None).await.expect("usage"), (0, UsageTotals::default()));
+        assert!(store.model_usage_by_session("alice").await.expect("by session").is_empty());
+        assert_eq!(list_requests(store, None, None).await, expected_requests(&others, |_| true));
+        assert_eq!(store.model_usage("bob", None).await.expect("usage"), expected_usage(&others[..2]));
+
+        // An unknown user changes nothing, even with recorded requests.
+        assert!(!store.delete_user("carol").await.expect("delete unknown"));
+        assert_eq!(list_requests(store, Some("carol"), None).await, vec![others[2].clone()]);
+
+        // The id can be reused: the new alice starts with no requests, and
+        // her old request ids are free again.
+        create_users(store, &["alice"]).await;
+        assert!(list_requests(store, Some("alice"), None).await.is_empty());
+        record_requests(store, &alice[..1]).await;
+        assert_eq!(list_requests(store, Some("alice"), None).await, vec![alice[0].clone()]);
+    }
+
+    pub async fn concurrent_model_requests(store: &dyn Store) {
+        const TASKS: i64 = 8;
+        const PER_TASK: i64 = 25;
+        let t = base();
+        let make = move |task: i64, n: i64| ModelRequest {
+            // Several tasks share each `at`.
+            usage: usage(task * 1000 + n, n + 1, task, 1, (task * PER_TASK + n) as f64 / 64.0),
+            ..model_request(
+                &format!("t{task}-n{n:02}"),
+                if task % 2 == 0 { "alice" } else { "bob" },
+                &format!("s-{}", task % 3),
+                t + micros(n),
+            )
+        };
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| async move {
+                for n in 0..PER_TASK {
+                    store.record_model_request(&make(task, n)).await?;
+                }
+                StoreResult::Ok(())
+            })
+            .collect();
+        for result in futures::future::join_all(tasks).await {
+            result.expect("concurrent record");
+        }
+
+        let all: Vec<ModelRequest> = (0..TASKS).flat_map(|task| (0..PER_TASK).map(move |n| make(task, n))).collect();
+        let listed = list_requests(store, None, None).await;
+        assert_eq!(listed.len() as i64, TASKS * PER_TASK, "every request was recorded once");
+        assert_eq!(listed, expected_requests(&all, |_| true));
+        assert_eq!(request_ids(&walk_requests(store, None, None, 7).await), request_ids(&listed));
+        for user in ["alice", "bob"] {
+            let mine: Vec<&ModelRequest> = all.iter().filter(|r| r.user_id == user).collect();
+            assert_eq!(store.model_usage(user, None).await.expect("usage"), expected_usage(mine.iter().copied()));
+            let since = t + micros(PER_TASK - 5);
+            assert_eq!(
+                store.model_usage(user, Some(since)).await.expect("usage"),
+                expected_usage(mine.iter().copied().filter(|r| r.at >= since)),
+                "{user} since {since:?}"
+            );
+            let mut by_session: Vec<(String, i64, UsageTotals)> = Vec::new();
+            for session in ["s-0", "s-1", "s-2"] {
+                let (count, usage) = expected_usage(mine.iter().copied().filter(|r| r.session_id == session));
+                if count > 0 {
+                    by_session.push((session.to_owned(), count, usage));
+                }
+            }
+            assert_eq!(store.model_usage_by_session(user).await.expect("by session"), by_session, "{user}");
+        }
     }
 }

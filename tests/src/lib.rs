@@ -96,12 +96,11 @@ impl ServerConfig {
         self
     }
 
-    /// Sessions run the real pinned Claude CLI against `mock` (its port is
-    /// the only TCP port the sandbox lets them reach).
+    /// Sessions run the real pinned Claude CLI; `mock` is the upstream model
+    /// API behind the server's model proxy (the CLIs cannot reach it
+    /// directly: the proxy's port is the only one their sandbox allows).
     pub fn with_cli(self, mock: &mock_model::MockServer) -> Self {
-        self.env("CLAUDE_AGENT_CLI_PATH", claude_cli().display().to_string())
-            .env("ANTHROPIC_BASE_URL", mock.base_url())
-            .yaml(&format!("sandbox:\n  allowed_tcp_ports: [{}]\n", mock.addr.port()))
+        self.env("CLAUDE_AGENT_CLI_PATH", claude_cli().display().to_string()).env("ANTHROPIC_BASE_URL", mock.base_url())
     }
 }
 

@@ -186,7 +186,7 @@ pub async fn chat(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Json<ChatResponse>, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let turn = state.conversations.get(&session).try_begin_turn().ok_or_else(busy)?;
+    let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
     let conversation = turn.conversation().clone();
     // A sync turn is streamed to the session's frame log too, so a client can
     // watch it on GET /api/v1/sessions/{id}/stream.
@@ -299,7 +299,7 @@ pub async fn chat_stream(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let turn = state.conversations.get(&session).try_begin_turn().ok_or_else(busy)?;
+    let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
     let conversation = turn.conversation().clone();
     // Subscribed before the turn starts, so the response misses nothing.
     let frames = conversation.clone().frames(turn.first_frame, false);

@@ -451,6 +451,7 @@ pub async fn create_session(
     if let Err(error) = chat::start_cli(&state, &session).await {
         state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await?;
         state.conversations.forget(&session.session_id);
+        state.model_proxy.revoke_session(&session.session_id);
         tracing::error!(session_id = %session.session_id, user_id = %owner, %error, "session not started");
         return Err(super::chat::turn_error(error));
     }
@@ -524,6 +525,7 @@ pub async fn delete_session(
     }
     state.supervisor.stop_process(&session.user_id, &session.session_id, STOP_GRACE).await;
     state.conversations.forget(&session.session_id);
+    state.model_proxy.revoke_session(&session.session_id);
     tracing::info!(session_id = %session.session_id, user_id = %session.user_id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
 use super::{
-    ApiToken, NewMessage, Session, SessionQuery, SessionStatus, Store, StoreError, StoreResult, StoredMessage,
-    UsageTotals, User, no_session_for_messages,
+    ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Session, SessionQuery, SessionStatus, Store, StoreError,
+    StoreResult, StoredMessage, UsageTotals, User, check_model_request, micros_ceil, model_request_cursor,
+    no_session_for_messages,
 };
 use crate::config::StorageKind;
 
@@ -21,6 +22,8 @@ struct State {
     sessions: HashMap<String, Session>,
     /// Each session's history in seq order (seq `i` at index `i - 1`).
     messages: HashMap<String, Vec<StoredMessage>>,
+    /// The model proxy's audit log, by request id.
+    model_requests: BTreeMap<String, ModelRequest>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +79,7 @@ impl Store for MemoryStore {
                 return false;
             }
             s.tokens.retain(|_, t| t.user_id != user_id);
+            s.model_requests.retain(|_, r| r.user_id != user_id);
             for session in s.sessions.values_mut().filter(|x| x.user_id == user_id) {
                 session.status = SessionStatus::Deleted;
                 s.messages.remove(&session.session_id);
@@ -276,4 +280,72 @@ impl Store for MemoryStore {
                 .unwrap_or_default()
         })
     }
+
+    async fn record_model_request(&self, request: &ModelRequest) -> StoreResult<()> {
+        check_model_request(request)?;
+        self.with(|s| {
+            if s.model_requests.contains_key(&request.request_id) {
+                return Err(StoreError::Conflict(format!("model request {}", request.request_id)));
+            }
+            let stored = ModelRequest { at: request.at.trunc_subsecs(6), ..request.clone() };
+            s.model_requests.insert(request.request_id.clone(), stored);
+            Ok(())
+        })?
+    }
+
+    async fn list_model_requests(&self, query: &ModelRequestQuery) -> StoreResult<Vec<ModelRequest>> {
+        let before = query.before.as_ref().map(model_request_cursor);
+        self.with(|s| {
+            let mut found: Vec<ModelRequest> = s
+                .model_requests
+                .values()
+                .filter(|r| query.user_id.as_ref().is_none_or(|u| &r.user_id == u))
+                .filter(|r| query.session_id.as_ref().is_none_or(|x| &r.session_id == x))
+                .filter(|r| before.is_none_or(|b| (r.at, r.request_id.as_str()) < b))
+                .cloned()
+                .collect();
+            found.sort_by(|a, b| (b.at, &b.request_id).cmp(&(a.at, &a.request_id)));
+            found.truncate(query.limit as usize);
+            found
+        })
+    }
+
+    async fn model_usage(&self, user_id: &str, since: Option<DateTime<Utc>>) -> StoreResult<(i64, UsageTotals)> {
+        let since = since.map(micros_ceil);
+        self.with(|s| {
+            let mut total = (0, UsageTotals::default());
+            for r in s.model_requests.values().filter(|r| r.user_id == user_id && since.is_none_or(|t| r.at >= t)) {
+                add_request(&mut total, &r.usage)?;
+            }
+            Ok(total)
+        })?
+    }
+
+    async fn model_usage_by_session(&self, user_id: &str) -> StoreResult<Vec<(String, i64, UsageTotals)>> {
+        self.with(|s| {
+            let mut by_session: BTreeMap<&str, (i64, UsageTotals)> = BTreeMap::new();
+            for r in s.model_requests.values().filter(|r| r.user_id == user_id) {
+                add_request(by_session.entry(&r.session_id).or_default(), &r.usage)?;
+            }
+            Ok(by_session.into_iter().map(|(id, (count, usage))| (id.to_owned(), count, usage)).collect())
+        })?
+    }
+}
+
+/// Counts one more request and adds its usage; `Internal` on overflow, like
+/// the SQL backends' sums.
+fn add_request(total: &mut (i64, UsageTotals), usage: &UsageTotals) -> StoreResult<()> {
+    let overflow = || StoreError::Internal("model usage sum overflows".into());
+    let (count, sum) = total;
+    *count += 1;
+    for (field, add) in [
+        (&mut sum.input_tokens, usage.input_tokens),
+        (&mut sum.output_tokens, usage.output_tokens),
+        (&mut sum.cache_read_tokens, usage.cache_read_tokens),
+        (&mut sum.cache_creation_tokens, usage.cache_creation_tokens),
+    ] {
+        *field = field.checked_add(add).ok_or_else(overflow)?;
+    }
+    sum.total_cost_usd += usage.total_cost_usd;
+    Ok(())
 }

@@ -1,6 +1,6 @@
-//! Persistent state: users, API tokens, sessions and their chat history,
-//! behind one [`Store`] trait with three implementations (memory, SQLite,
-//! PostgreSQL).
+//! Persistent state: users, API tokens, sessions and their chat history, and
+//! the model proxy's audit log of model requests, behind one [`Store`] trait
+//! with three implementations (memory, SQLite, PostgreSQL).
 //!
 //! The SQL backends share one implementation ([`sql`]) whose queries run
 //! unchanged on both; each backend's file only connects and migrates.
@@ -276,6 +276,92 @@ pub struct StoredMessage {
     pub created_at: DateTime<Utc>,
 }
 
+/// One model request seen by the model proxy (the audit log and the metering
+/// source).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelRequest {
+    /// Unique (a UUID): the primary key.
+    pub request_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    /// When the request started (stored truncated to microseconds).
+    pub at: DateTime<Utc>,
+    /// `"POST"`.
+    pub method: String,
+    /// `"/v1/messages"`.
+    pub path: String,
+    pub model: Option<String>,
+    /// HTTP status answered to the CLI: upstream's, or ours (401, 403, 429,
+    /// 502).
+    pub status: i32,
+    /// Tokens of the response and its cost (computed by the proxy).
+    pub usage: UsageTotals,
+    pub duration_ms: i64,
+    /// Tool calls the model made in this response:
+    /// `[{"name": ..., "input_bytes": n, "input": "<first 1000 chars>"}]`.
+    #[schema(value_type = Vec<Object>)]
+    pub tool_calls: serde_json::Value,
+    /// Why the proxy refused it (budget, rate limit, unknown credential...),
+    /// if it did.
+    pub refusal: Option<String>,
+}
+
+/// Which model requests the audit listing returns: newest first, by
+/// `(at, request_id)` descending.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRequestQuery {
+    /// Only this user's requests (`None`: everyone's).
+    pub user_id: Option<String>,
+    /// Only this session's requests (`None`: every session's).
+    pub session_id: Option<String>,
+    /// Keyset cursor: only requests strictly before this `(at, request_id)`,
+    /// i.e. the last row of the previous page.
+    pub before: Option<(DateTime<Utc>, String)>,
+    pub limit: u32,
+}
+
+/// Checks what every backend can store: PostgreSQL's text types reject NUL
+/// characters, so the others do too (callers replace them in what they
+/// copy from requests, such as the model name).
+fn check_model_request(request: &ModelRequest) -> StoreResult<()> {
+    let texts = [
+        ("request_id", Some(&request.request_id)),
+        ("user_id", Some(&request.user_id)),
+        ("session_id", Some(&request.session_id)),
+        ("method", Some(&request.method)),
+        ("path", Some(&request.path)),
+        ("model", request.model.as_ref()),
+        ("refusal", request.refusal.as_ref()),
+    ];
+    match texts.into_iter().find(|(_, text)| text.is_some_and(|t| t.contains('\0'))) {
+        Some((field, _)) => Err(StoreError::Internal(format!(
+            "cannot record model request {:?}: its {field} contains a NUL character",
+            request.request_id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The first stored timestamp (microsecond precision) at or after `at`:
+/// `stored >= at` exactly when `stored >= micros_ceil(at)`, on every backend
+/// (PostgreSQL would truncate a finer bound, the others compare it as is).
+fn micros_ceil(at: DateTime<Utc>) -> DateTime<Utc> {
+    let truncated = at.trunc_subsecs(6);
+    if truncated < at {
+        truncated.checked_add_signed(chrono::TimeDelta::microseconds(1)).unwrap_or(truncated)
+    } else {
+        truncated
+    }
+}
+
+/// A listing cursor in stored precision, with the same meaning: a bound
+/// finer than microseconds becomes "before the next microsecond", which no
+/// request id precedes.
+fn model_request_cursor(before: &(DateTime<Utc>, String)) -> (DateTime<Utc>, &str) {
+    let ceil = micros_ceil(before.0);
+    if ceil == before.0 { (before.0, before.1.as_str()) } else { (ceil, "") }
+}
+
 /// Storage of users, tokens and sessions. Every method is one atomic step.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -289,8 +375,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, user_id: &str) -> StoreResult<Option<User>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
     async fn count_users(&self) -> StoreResult<u64>;
-    /// Deletes a user and their tokens, marks their sessions deleted and
-    /// purges those sessions' message history.
+    /// Deletes a user and their tokens, marks their sessions deleted, purges
+    /// those sessions' message history and deletes their model requests.
+    /// An unknown user changes nothing (false).
     async fn delete_user(&self, user_id: &str) -> StoreResult<bool>;
     /// The user's own uid for privileged sandboxing: the stored one, or the
     /// lowest free one in `range`, stored once. `Unavailable` when the range
@@ -342,6 +429,24 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` messages of a session with `seq > after_seq`, ascending.
     /// Empty for an unknown or deleted session.
     async fn list_messages(&self, session_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Records one model request, `at` truncated to microseconds; `Conflict`
+    /// if its `request_id` exists. Neither the user nor the session is
+    /// checked: the audit outlives sessions (a request may be recorded after
+    /// its session was deleted), and only [`Store::delete_user`] removes a
+    /// user's requests. `Internal` if a text field contains a NUL character.
+    async fn record_model_request(&self, request: &ModelRequest) -> StoreResult<()>;
+    /// Up to `query.limit` model requests matching the query, newest first
+    /// (`at` descending, then `request_id` descending), strictly before
+    /// `query.before`.
+    async fn list_model_requests(&self, query: &ModelRequestQuery) -> StoreResult<Vec<ModelRequest>>;
+    /// The number of a user's model requests with `at >= since` (all of them
+    /// when `None`) and their summed usage. `Internal` if a sum overflows.
+    async fn model_usage(&self, user_id: &str, since: Option<DateTime<Utc>>) -> StoreResult<(i64, UsageTotals)>;
+    /// A user's model requests grouped by session: `(session_id, requests,
+    /// summed usage)`, ordered by session id (bytewise). `Internal` if a sum
+    /// overflows.
+    async fn model_usage_by_session(&self, user_id: &str) -> StoreResult<Vec<(String, i64, UsageTotals)>>;
 }
 
 /// The error for appending to a session that is absent or deleted.

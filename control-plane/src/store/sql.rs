@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    ApiToken, NewMessage, Role, Session, SessionOptions, SessionStatus, StoreError, StoreResult, StoredMessage,
-    UsageTotals, User,
+    ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Role, Session, SessionOptions, SessionStatus, StoreError,
+    StoreResult, StoredMessage, UsageTotals, User,
 };
 
 /// How long a token's `last_used_at` may lag: updating it on every request
@@ -133,6 +133,118 @@ pub(super) fn message_content(message: &NewMessage) -> StoreResult<String> {
         .map_err(|e| StoreError::Internal(format!("cannot serialise message content: {e}")))
 }
 
+pub(super) const MODEL_REQUEST_COLUMNS: &str = "request_id, user_id, session_id, at, method, path, model, status, \
+     input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, duration_ms, tool_calls, \
+     refusal";
+
+/// A model request as stored. `tool_calls` is JSON text (TEXT on both
+/// backends, like message content).
+#[derive(sqlx::FromRow)]
+pub(super) struct ModelRequestRow {
+    request_id: String,
+    user_id: String,
+    session_id: String,
+    at: DateTime<Utc>,
+    method: String,
+    path: String,
+    model: Option<String>,
+    status: i32,
+    input_tokens: i64,
+    output_tokens: i64,
+    cache_read_tokens: i64,
+    cache_creation_tokens: i64,
+    total_cost_usd: f64,
+    duration_ms: i64,
+    tool_calls: String,
+    refusal: Option<String>,
+}
+
+impl ModelRequestRow {
+    pub(super) fn into_model_request(self) -> StoreResult<ModelRequest> {
+        let tool_calls = serde_json::from_str(&self.tool_calls).map_err(|e| {
+            StoreError::Internal(format!("tool calls of model request {} in store are not JSON: {e}", self.request_id))
+        })?;
+        Ok(ModelRequest {
+            request_id: self.request_id,
+            user_id: self.user_id,
+            session_id: self.session_id,
+            at: self.at,
+            method: self.method,
+            path: self.path,
+            model: self.model,
+            status: self.status,
+            usage: UsageTotals {
+                input_tokens: self.input_tokens,
+                output_tokens: self.output_tokens,
+                cache_read_tokens: self.cache_read_tokens,
+                cache_creation_tokens: self.cache_creation_tokens,
+                total_cost_usd: self.total_cost_usd,
+            },
+            duration_ms: self.duration_ms,
+            tool_calls,
+            refusal: self.refusal,
+        })
+    }
+}
+
+/// A model request's tool calls as stored.
+pub(super) fn model_request_tool_calls(request: &ModelRequest) -> StoreResult<String> {
+    serde_json::to_string(&request.tool_calls)
+        .map_err(|e| StoreError::Internal(format!("cannot serialise tool calls: {e}")))
+}
+
+/// The aggregates of a set of model requests, selected as [`UsageSums`]:
+/// request count and summed usage. PostgreSQL sums BIGINT as NUMERIC (cast
+/// back, failing on overflow like SQLite's integer sum); an empty set sums
+/// to zero.
+pub(super) const USAGE_SUMS: &str = "COUNT(*), CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(cache_read_tokens), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(cache_creation_tokens), 0) AS BIGINT), COALESCE(SUM(total_cost_usd), 0.0)";
+
+/// The columns of [`USAGE_SUMS`].
+pub(super) type UsageSums = (i64, i64, i64, i64, i64, f64);
+
+pub(super) fn usage_sums((count, input, output, cache_read, cache_creation, cost): UsageSums) -> (i64, UsageTotals) {
+    let usage = UsageTotals {
+        input_tokens: input,
+        output_tokens: output,
+        cache_read_tokens: cache_read,
+        cache_creation_tokens: cache_creation,
+        total_cost_usd: cost,
+    };
+    (count, usage)
+}
+
+/// The `WHERE` clause of a model request listing and the values to bind to
+/// its `$1..`, in order: only the filters given, so that each shape of the
+/// query is one plan that uses its index.
+pub(super) fn model_request_filter(query: &ModelRequestQuery) -> (String, Vec<ModelRequestBind<'_>>) {
+    let mut conditions = Vec::new();
+    let mut binds = Vec::new();
+    if let Some(user_id) = &query.user_id {
+        binds.push(ModelRequestBind::Text(user_id));
+        conditions.push(format!("user_id = ${}", binds.len()));
+    }
+    if let Some(session_id) = &query.session_id {
+        binds.push(ModelRequestBind::Text(session_id));
+        conditions.push(format!("session_id = ${}", binds.len()));
+    }
+    if let Some(before) = &query.before {
+        let (at, request_id) = super::model_request_cursor(before);
+        binds.push(ModelRequestBind::At(at));
+        binds.push(ModelRequestBind::Text(request_id));
+        conditions.push(format!("(at, request_id) < (${}, ${})", binds.len() - 1, binds.len()));
+    }
+    let clause = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+    (clause, binds)
+}
+
+/// A value bound by [`model_request_filter`]'s clause.
+pub(super) enum ModelRequestBind<'a> {
+    Text(&'a str),
+    At(DateTime<Utc>),
+}
+
 /// Up to three statuses as separate binds (`status IN ($a, $b, $c)`), padded
 /// with NULL, which never matches.
 pub(super) fn status_binds(statuses: &[SessionStatus]) -> [Option<&'static str>; 3] {
@@ -217,6 +329,7 @@ macro_rules! impl_sql_store {
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
+                sqlx::query("DELETE FROM model_requests WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(true)
             }
@@ -591,6 +704,114 @@ macro_rules! impl_sql_store {
                 .into_iter()
                 .map($crate::store::sql::MessageRow::into_message)
                 .collect()
+            }
+
+            async fn record_model_request(
+                &self,
+                request: &$crate::store::ModelRequest,
+            ) -> $crate::store::StoreResult<()> {
+                $crate::store::check_model_request(request)?;
+                let tool_calls = $crate::store::sql::model_request_tool_calls(request)?;
+                let sql = format!(
+                    "INSERT INTO model_requests ({}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                    $crate::store::sql::MODEL_REQUEST_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(&request.request_id)
+                    .bind(&request.user_id)
+                    .bind(&request.session_id)
+                    .bind(chrono::SubsecRound::trunc_subsecs(request.at, 6))
+                    .bind(&request.method)
+                    .bind(&request.path)
+                    .bind(&request.model)
+                    .bind(request.status)
+                    .bind(request.usage.input_tokens)
+                    .bind(request.usage.output_tokens)
+                    .bind(request.usage.cache_read_tokens)
+                    .bind(request.usage.cache_creation_tokens)
+                    .bind(request.usage.total_cost_usd)
+                    .bind(request.duration_ms)
+                    .bind(tool_calls)
+                    .bind(&request.refusal)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_model_requests(
+                &self,
+                query: &$crate::store::ModelRequestQuery,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::ModelRequest>> {
+                let (filter, binds) = $crate::store::sql::model_request_filter(query);
+                let sql = format!(
+                    "SELECT {} FROM model_requests {filter} ORDER BY at DESC, request_id DESC LIMIT ${}",
+                    $crate::store::sql::MODEL_REQUEST_COLUMNS,
+                    binds.len() + 1
+                );
+                let mut select = sqlx::query_as::<_, $crate::store::sql::ModelRequestRow>(&sql);
+                for bind in binds {
+                    select = match bind {
+                        $crate::store::sql::ModelRequestBind::Text(text) => select.bind(text),
+                        $crate::store::sql::ModelRequestBind::At(at) => select.bind(at),
+                    };
+                }
+                select
+                    .bind(i64::from(query.limit))
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map($crate::store::sql::ModelRequestRow::into_model_request)
+                    .collect()
+            }
+
+            async fn model_usage(
+                &self,
+                user_id: &str,
+                since: Option<chrono::DateTime<chrono::Utc>>,
+            ) -> $crate::store::StoreResult<(i64, $crate::store::UsageTotals)> {
+                // Two statements rather than `$2 IS NULL OR ...`, so that each
+                // is one range scan of the (user_id, at) index.
+                let sums: $crate::store::sql::UsageSums = match since {
+                    Some(since) => {
+                        let sql = format!(
+                            "SELECT {} FROM model_requests WHERE user_id = $1 AND at >= $2",
+                            $crate::store::sql::USAGE_SUMS
+                        );
+                        sqlx::query_as(&sql)
+                            .bind(user_id)
+                            .bind($crate::store::micros_ceil(since))
+                            .fetch_one(&self.pool)
+                            .await?
+                    }
+                    None => {
+                        let sql =
+                            format!("SELECT {} FROM model_requests WHERE user_id = $1", $crate::store::sql::USAGE_SUMS);
+                        sqlx::query_as(&sql).bind(user_id).fetch_one(&self.pool).await?
+                    }
+                };
+                Ok($crate::store::sql::usage_sums(sums))
+            }
+
+            async fn model_usage_by_session(
+                &self,
+                user_id: &str,
+            ) -> $crate::store::StoreResult<Vec<(String, i64, $crate::store::UsageTotals)>> {
+                let sql = format!(
+                    "SELECT session_id, {} FROM model_requests WHERE user_id = $1 \
+                     GROUP BY session_id ORDER BY session_id",
+                    $crate::store::sql::USAGE_SUMS
+                );
+                let rows: Vec<(String, i64, i64, i64, i64, i64, f64)> =
+                    sqlx::query_as(&sql).bind(user_id).fetch_all(&self.pool).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(session_id, count, input, output, cache_read, cache_creation, cost)| {
+                        let (count, usage) =
+                            $crate::store::sql::usage_sums((count, input, output, cache_read, cache_creation, cost));
+                        (session_id, count, usage)
+                    })
+                    .collect())
             }
         }
     };

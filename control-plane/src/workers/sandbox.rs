@@ -108,6 +108,13 @@ pub fn cli_path(config: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("claude"))
 }
 
+/// Where a CLI sends its model requests, and with which credential.
+#[derive(Debug)]
+pub struct ModelEndpoint {
+    pub base_url: String,
+    pub credential: crate::config::Secret,
+}
+
 /// The configuration a user's worker receives in its `Hello` frame.
 pub fn worker_config(
     config: &Config,
@@ -115,6 +122,7 @@ pub fn worker_config(
     user_dir: &Path,
     drop_to: Option<UserIds>,
     cgroup_procs: Vec<PathBuf>,
+    model_proxy_port: u16,
 ) -> WorkerConfig {
     let sandbox = &config.sandbox;
     let cli = cli_path(config);
@@ -134,7 +142,7 @@ pub fn worker_config(
             min_abi: sandbox.landlock_min_abi,
             read_only,
             read_write_files: DEVICES.iter().map(PathBuf::from).collect(),
-            tcp_connect_ports: sandbox.tcp_ports(&config.anthropic),
+            tcp_connect_ports: sandbox.tcp_ports(model_proxy_port),
         },
         seccomp: SeccompConfig {
             enabled: true,
@@ -164,7 +172,15 @@ pub fn worker_config(
 ///
 /// `resume`: the conversation exists (earlier turns), continue it with
 /// `--resume`; else start it under our own id with `--session-id`.
-pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged: bool, resume: bool) -> ProcessSpec {
+/// `model`: the model proxy and this process's own credential for it.
+pub fn cli_spec(
+    config: &Config,
+    session: &Session,
+    user_dir: &Path,
+    privileged: bool,
+    resume: bool,
+    model: &ModelEndpoint,
+) -> ProcessSpec {
     let options = &session.options;
     let mut args: Vec<String> = [
         "--print",
@@ -219,14 +235,10 @@ pub fn cli_spec(config: &Config, session: &Session, user_dir: &Path, privileged:
         ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_owned(), "1".to_owned()),
         ("CLAUDE_AGENT_SESSION_ID".to_owned(), session.session_id.clone()),
     ];
-    if let Some(url) = &config.anthropic.base_url {
-        env.push(("ANTHROPIC_BASE_URL".to_owned(), url.clone()));
-    }
-    // The operator's key never enters a sandbox: the CLI gets a random
-    // credential of its own. The model proxy (issue 7) will map it to the
-    // real one; until then only a model endpoint that needs no operator key
-    // (the mock, a gateway with its own auth) can serve chat.
-    env.push(("ANTHROPIC_API_KEY".to_owned(), format!("cah-session-{}", uuid::Uuid::new_v4().simple())));
+    // The operator's credentials never enter a sandbox: the CLI talks to the
+    // model proxy with a credential of its own, valid while it runs.
+    env.push(("ANTHROPIC_BASE_URL".to_owned(), model.base_url.clone()));
+    env.push(("ANTHROPIC_API_KEY".to_owned(), model.credential.expose().to_owned()));
     if let Some(model) = &config.anthropic.model {
         env.push(("ANTHROPIC_MODEL".to_owned(), model.clone()));
     }

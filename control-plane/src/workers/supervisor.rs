@@ -213,6 +213,8 @@ pub struct Supervisor {
     store: Arc<dyn Store>,
     base_dir: PathBuf,
     cgroups: Option<Arc<CgroupManager>>,
+    /// The model proxy's port: the one TCP port every sandbox may reach.
+    model_proxy_port: u16,
     workers: tokio::sync::Mutex<HashMap<String, Arc<Worker>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -225,7 +227,7 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(config: Config, store: Arc<dyn Store>, base_dir: PathBuf) -> Self {
+    pub fn new(config: Config, store: Arc<dyn Store>, base_dir: PathBuf, model_proxy_port: u16) -> Self {
         let mode = sandbox::resolve_mode(config.sandbox.mode);
         let cgroups = match CgroupManager::detect() {
             Ok(manager) => manager.map(Arc::new),
@@ -254,6 +256,7 @@ impl Supervisor {
             store,
             base_dir,
             cgroups,
+            model_proxy_port,
             workers: tokio::sync::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -410,7 +413,7 @@ impl Supervisor {
             }
         };
         let procs = cgroup.as_ref().map(UserCgroup::procs_files).unwrap_or_default();
-        let worker_config = sandbox::worker_config(&self.config, user_id, &user_dir, drop_to, procs);
+        let worker_config = sandbox::worker_config(&self.config, user_id, &user_dir, drop_to, procs, self.model_proxy_port);
 
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
