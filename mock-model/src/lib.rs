@@ -113,6 +113,11 @@ pub struct RequestRecord {
     pub body_len: usize,
     /// How the client authenticated: `x-api-key`, `bearer`, `both` or `none`.
     pub auth: String,
+    /// The last 4 characters of the `x-api-key` (or bearer token) sent, so
+    /// tests can tell which credential arrived without the mock keeping it.
+    pub credential_suffix: Option<String>,
+    /// `[input_tokens, output_tokens]` reported in the reply's usage, for messages.
+    pub usage: Option<[u64; 2]>,
     /// The request headers (lower-case names), with `x-api-key` and `authorization` values redacted.
     pub headers: BTreeMap<String, String>,
     /// The HTTP status answered.
@@ -343,6 +348,12 @@ fn base_record(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> 
         messages: Vec::new(),
         body_len: body.len(),
         auth: auth.to_owned(),
+        credential_suffix: headers
+            .get("x-api-key")
+            .or_else(|| headers.get("authorization"))
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()),
+        usage: None,
         headers: header_map,
         status: 200,
         outcome: String::new(),
@@ -517,6 +528,7 @@ async fn answer_messages(
         slow: script.slow.map(|s| (s.per_delta, s.deltas)),
     };
     record.stop_reason = Some(stop_reason.to_owned());
+    record.usage = Some([reply.input_tokens, reply.output_tokens]);
     record.reply_text = text;
     record.outcome = if cut { "cut" } else { "message" }.into();
 

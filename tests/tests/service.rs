@@ -46,6 +46,7 @@ async fn openapi_describes_every_route_and_docs_work_offline() {
         ("/api/v1/chat", "post"),
         ("/api/v1/chat/stream", "post"),
         ("/api/v1/usage", "get"),
+        ("/api/v1/audit/model-requests", "get"),
         ("/api/v1/users", "post"),
         ("/api/v1/users", "get"),
         ("/api/v1/users/{user_id}", "get"),
@@ -58,7 +59,7 @@ async fn openapi_describes_every_route_and_docs_work_offline() {
     for (path, method) in expected {
         assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from the spec");
     }
-    assert_eq!(paths.len(), 16, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 17, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
     assert!(spec.body["components"]["securitySchemes"]["bearer"].is_object());
 
     // Swagger UI is served from the binary: the page and its assets, no CDN.

@@ -504,7 +504,11 @@ pub struct UsageQuery {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UsageReport {
     pub user_id: String,
+    /// As the CLIs reported it in each turn's result.
     pub total: store::UsageTotals,
+    /// As the model proxy metered it (the source of truth for budgets):
+    /// every model request of the user, priced with `model_proxy.prices`.
+    pub metered: MeteredUsage,
     /// Turns (messages) of all the user's sessions.
     pub turns: i64,
     pub sessions: Vec<SessionUsage>,
@@ -515,6 +519,15 @@ pub struct SessionUsage {
     pub session_id: String,
     pub status: SessionStatus,
     pub message_count: i64,
+    pub usage: store::UsageTotals,
+    /// Metered by the model proxy.
+    pub metered: MeteredUsage,
+}
+
+/// Model requests and their summed usage, as the model proxy saw them.
+#[derive(Debug, Default, Clone, Serialize, ToSchema)]
+pub struct MeteredUsage {
+    pub requests: i64,
     pub usage: store::UsageTotals,
 }
 
@@ -534,8 +547,21 @@ pub async fn usage(
     ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageReport>, ApiError> {
     let user_id = super::sessions::owner_for(&principal, query.user_id.as_deref())?;
-    let mut report =
-        UsageReport { user_id: user_id.clone(), total: store::UsageTotals::default(), turns: 0, sessions: Vec::new() };
+    let (requests, usage) = state.store.model_usage(&user_id, None).await?;
+    let by_session: std::collections::HashMap<String, MeteredUsage> = state
+        .store
+        .model_usage_by_session(&user_id)
+        .await?
+        .into_iter()
+        .map(|(session_id, requests, usage)| (session_id, MeteredUsage { requests, usage }))
+        .collect();
+    let mut report = UsageReport {
+        user_id: user_id.clone(),
+        total: store::UsageTotals::default(),
+        metered: MeteredUsage { requests, usage },
+        turns: 0,
+        sessions: Vec::new(),
+    };
     let mut after = None;
     loop {
         let page = state
@@ -554,6 +580,7 @@ pub async fn usage(
             after =
                 Some(store::SessionCursor { created_at: session.created_at, session_id: session.session_id.clone() });
             report.sessions.push(SessionUsage {
+                metered: by_session.get(&session.session_id).cloned().unwrap_or_default(),
                 session_id: session.session_id,
                 status: session.status,
                 message_count: session.message_count,

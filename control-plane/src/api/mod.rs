@@ -20,6 +20,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::app::AppState;
 use crate::auth;
 
+pub mod audit;
 pub mod chat;
 pub mod error;
 pub mod extract;
@@ -39,7 +40,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         root, health,
         sessions::create_session, sessions::list_sessions, sessions::get_session,
         sessions::delete_session, sessions::resume_session,
-        chat::chat, chat::chat_stream, chat::session_stream, chat::messages, chat::interrupt, chat::usage,
+        chat::chat, chat::chat_stream, chat::session_stream, chat::messages, chat::interrupt, chat::usage, audit::model_requests,
         users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
         users::create_token, users::list_tokens, users::delete_token,
     ),
@@ -49,6 +50,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         (name = "sessions", description = "Sessions of the Claude CLI"),
         (name = "chat", description = "Chat turns, sync and streamed"),
         (name = "users", description = "Users and API tokens"),
+        (name = "audit", description = "What the model proxy saw"),
         (name = "service", description = "Service information"),
     )
 )]
@@ -77,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/chat", post(chat::chat))
         .route("/chat/stream", post(chat::chat_stream))
         .route("/usage", get(chat::usage))
+        .route("/audit/model-requests", get(audit::model_requests))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{user_id}", get(users::get_user).delete(users::delete_user))
         .route("/users/{user_id}/tokens", post(users::create_token).get(users::list_tokens))

@@ -595,10 +595,21 @@ pub struct SessionPage {
 }
 
 fn encode_cursor(session: &Session) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}|{}", session.created_at.to_rfc3339(), session.session_id))
+    encode_time_cursor(session.created_at, &session.session_id)
 }
 
 fn decode_cursor(raw: &str) -> Result<SessionCursor, ApiError> {
+    let (created_at, session_id) = decode_time_cursor(raw)?;
+    Ok(SessionCursor { created_at, session_id })
+}
+
+/// An opaque keyset cursor: a time and an id.
+pub(super) fn encode_time_cursor(at: DateTime<Utc>, id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}|{id}", at.to_rfc3339()))
+}
+
+/// The time and id of a cursor from [`encode_time_cursor`]; 422 otherwise.
+pub(super) fn decode_time_cursor(raw: &str) -> Result<(DateTime<Utc>, String), ApiError> {
     let invalid = || {
         ApiError::Validation(vec![FieldError::new(
             "value_error",
@@ -610,8 +621,8 @@ fn decode_cursor(raw: &str) -> Result<SessionCursor, ApiError> {
     let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let (time, id) = text.split_once('|').ok_or_else(invalid)?;
-    let created_at = DateTime::parse_from_rfc3339(time).map_err(|_| invalid())?.with_timezone(&Utc);
-    Ok(SessionCursor { created_at, session_id: id.to_owned() })
+    let at = DateTime::parse_from_rfc3339(time).map_err(|_| invalid())?.with_timezone(&Utc);
+    Ok((at, id.to_owned()))
 }
 
 fn query_error(field: &str, msg: &str, input: Value) -> ApiError {
