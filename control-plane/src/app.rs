@@ -143,8 +143,12 @@ impl App {
         tasks.spawn(crate::chat::idle_cli_reaper(self.state.clone(), shutdown.clone()));
         let router = crate::api::router(self.state.clone());
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let result =
-            axum::serve(self.listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+        // SSE frames are small writes: TCP_NODELAY, or Nagle's algorithm holds
+        // each behind the client's delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let result = axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
         shutdown.cancel();
         self.state.supervisor.shutdown().await;
         tasks.close();

@@ -519,3 +519,31 @@ pub fn session_process_pids(session_id: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The environment of the session's CLI process as the kernel holds it
+/// (read as root, from outside the sandbox). Waits up to 5 s for the CLI.
+pub async fn session_cli_environment(session_id: &str) -> Vec<(String, String)> {
+    for _ in 0..100 {
+        if let Some(pid) = session_process_pids(session_id).first()
+            && let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ"))
+        {
+            return raw
+                .split(|b| *b == 0)
+                .filter_map(|kv| {
+                    String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))
+                })
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no CLI process for session {session_id}");
+}
+
+/// The model proxy URL and credential a session's CLI was given.
+pub async fn session_model_credential(session_id: &str) -> (String, String) {
+    let env = session_cli_environment(session_id).await;
+    let get = |key: &str| {
+        env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("{key} not set: {env:?}"))
+    };
+    (get("ANTHROPIC_BASE_URL"), get("ANTHROPIC_API_KEY"))
+}

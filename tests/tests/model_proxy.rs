@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use integration_tests::{Reply, ServerConfig, TestServer, session_process_pids};
+use integration_tests::{
+    Reply, ServerConfig, TestServer, session_cli_environment, session_model_credential, session_process_pids,
+};
 use mock_model::{MockModel, MockServer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,31 +21,6 @@ async fn start(mock: &MockServer, config: ServerConfig) -> TestServer {
 
 async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
     server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
-}
-
-/// The environment of the session's CLI process, as the kernel holds it.
-fn cli_environment(session: &str) -> Vec<(String, String)> {
-    let pids = session_process_pids(session);
-    let pid = pids.first().unwrap_or_else(|| panic!("no CLI process for {session}"));
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
-    raw.split(|b| *b == 0)
-        .filter_map(|kv| String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
-}
-
-fn env_value(env: &[(String, String)], key: &str) -> String {
-    env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("{key} not set: {env:?}"))
-}
-
-/// Waits until the session's CLI runs (it starts in the background).
-async fn wait_for_cli(session: &str) {
-    for _ in 0..100 {
-        if !session_process_pids(session).is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the CLI of {session} never started");
 }
 
 /// A small model request sent straight to `base_url` with `credential`.
@@ -95,11 +72,11 @@ async fn the_operators_key_never_reaches_a_sandbox() {
     assert!(!text.contains(REAL_KEY) && !text.contains(&REAL_KEY[8..]), "the key leaked into the sandbox: {text}");
 
     // The CLI's own environment and argv hold only its session credential.
-    let env = cli_environment(&session);
-    let credential = env_value(&env, "ANTHROPIC_API_KEY");
+    let env = session_cli_environment(&session).await;
+    let (base_url, credential) = session_model_credential(&session).await;
     assert!(credential.starts_with("cah-") && credential != REAL_KEY);
     assert!(env.iter().all(|(_, v)| !v.contains(REAL_KEY)), "{env:?}");
-    assert!(env_value(&env, "ANTHROPIC_BASE_URL").starts_with("http://127.0.0.1:"));
+    assert!(base_url.starts_with("http://127.0.0.1:"));
     for pid in session_process_pids(&session) {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(!String::from_utf8_lossy(&cmdline).contains(REAL_KEY));
@@ -122,9 +99,7 @@ async fn a_cli_credential_works_only_while_its_session_lives_and_only_as_its_ses
     let server = start(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    wait_for_cli(&session).await;
-    let env = cli_environment(&session);
-    let (base_url, credential) = (env_value(&env, "ANTHROPIC_BASE_URL"), env_value(&env, "ANTHROPIC_API_KEY"));
+    let (base_url, credential) = session_model_credential(&session).await;
 
     let live = direct_request(&base_url, &credential, "mock:reply direct", false).await;
     assert_eq!(live.status(), StatusCode::OK);
@@ -210,9 +185,7 @@ async fn a_rate_limit_answers_429_with_retry_after() {
     let server = start(&mock, ServerConfig::default().yaml("model_proxy:\n  requests_per_minute: 2\n")).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    wait_for_cli(&session).await;
-    let env = cli_environment(&session);
-    let (base_url, credential) = (env_value(&env, "ANTHROPIC_BASE_URL"), env_value(&env, "ANTHROPIC_API_KEY"));
+    let (base_url, credential) = session_model_credential(&session).await;
     let mut statuses = Vec::new();
     let mut limited = None;
     for _ in 0..3 {
@@ -255,9 +228,7 @@ async fn streams_pass_through_the_proxy_event_for_event() {
     let server = start(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    wait_for_cli(&session).await;
-    let env = cli_environment(&session);
-    let (base_url, credential) = (env_value(&env, "ANTHROPIC_BASE_URL"), env_value(&env, "ANTHROPIC_API_KEY"));
+    let (base_url, credential) = session_model_credential(&session).await;
     let script = "mock:slow 20 6\nmock:reply one two three four five six\nmock:tool Read {\"file_path\": \"x\"}";
     let proxied = direct_request(&base_url, &credential, script, true).await;
     assert!(proxied.headers()["content-type"].to_str().is_ok_and(|t| t.starts_with("text/event-stream")));

@@ -163,7 +163,13 @@ impl ModelProxy {
 
     /// Serves until `shutdown`, then waits for audit writes in flight.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
         let router = axum::Router::new().fallback(forward).with_state(self.clone());
+        // Streamed events are small writes: without TCP_NODELAY, Nagle's
+        // algorithm holds each behind the client's delayed ACK (~40 ms).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
         self.writes.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writes.wait()).await;
