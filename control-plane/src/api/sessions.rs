@@ -114,7 +114,7 @@ fn check_mcp_server(name: &str, server: &Value) -> Result<(), String> {
     if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(format!("unknown field `{unknown}` for a {} server", kind.unwrap_or("stdio")));
     }
-    if !fields.get(required).and_then(Value::as_str).is_some_and(|v| !v.trim().is_empty()) {
+    if fields.get(required).and_then(Value::as_str).is_none_or(|v| v.trim().is_empty()) {
         return Err(format!("`{required}` (a non-empty string) is required"));
     }
     if let Some(url) = fields.get("url").and_then(Value::as_str)

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ModelProxyConfig, Secret};
-use crate::store::{self, ModelRequest, Store, UsageTotals};
+use crate::store::{self, ModelRequest, Store};
 use meter::ResponseMeter;
 
 /// Largest request body forwarded (the CLI's requests carry the whole
@@ -340,8 +340,9 @@ struct Exchange {
 
 impl Exchange {
     fn finish(self, status: u16, meter: Option<&ResponseMeter>, refusal: Option<String>) {
-        let usage = meter.map(|m| m.totals(&self.proxy.config.prices)).unwrap_or_else(UsageTotals::default);
-        let model = meter.and_then(|m| m.model.clone()).or(self.model);
+        let usage = meter.map(|m| m.totals(&self.proxy.config.prices)).unwrap_or_default();
+        // PostgreSQL text cannot hold NUL; the model name comes from the sandbox.
+        let model = meter.and_then(|m| m.model.clone()).or(self.model).map(|m| m.replace('\0', "\u{fffd}"));
         let record = ModelRequest {
             request_id: self.request_id,
             user_id: self.grant.user_id,
