@@ -103,7 +103,7 @@ impl App {
             config.clone(),
             store.clone(),
             user_dirs.base_path().to_path_buf(),
-            model_proxy.port(),
+            vec![model_proxy.port()],
         ));
         if supervisor.mode() == SandboxMode::Privileged {
             // Users' uids must traverse the base directory, not list it.

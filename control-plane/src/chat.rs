@@ -185,8 +185,10 @@ pub struct Conversation {
     /// The next frame id, announced after every push.
     published: watch::Sender<u64>,
     last_used: Mutex<std::time::Instant>,
-    /// The turn lock is held to stop the CLI, not by a turn.
-    stopping: std::sync::atomic::AtomicBool,
+    /// The turn lock's holder is about to let go: a turn that has sent its
+    /// final frame, or a CLI being stopped. A new turn waits for it instead
+    /// of being refused.
+    releasing: std::sync::atomic::AtomicBool,
 }
 
 /// Holds a session's turn lock while its CLI stops.
@@ -197,7 +199,7 @@ struct StopGuard {
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        self.conversation.stopping.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.conversation.releasing.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -231,7 +233,7 @@ impl Conversation {
     pub async fn begin_turn(self: &Arc<Self>) -> Option<TurnGuard> {
         let lock = match self.turn.clone().try_lock_owned() {
             Ok(lock) => lock,
-            Err(_) if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+            Err(_) if self.releasing.load(std::sync::atomic::Ordering::SeqCst) => {
                 tokio::time::timeout(STOP_GRACE * 3, self.turn.clone().lock_owned()).await.ok()?
             }
             Err(_) => return None,
@@ -249,7 +251,7 @@ impl Conversation {
     /// starts on a dying process; `None` when a turn runs.
     fn try_begin_stop(self: &Arc<Self>) -> Option<StopGuard> {
         let lock = self.turn.clone().try_lock_owned().ok()?;
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.releasing.store(true, std::sync::atomic::Ordering::SeqCst);
         Some(StopGuard { conversation: self.clone(), _lock: lock })
     }
 
@@ -338,10 +340,22 @@ impl TurnGuard {
     pub fn conversation(&self) -> &Arc<Conversation> {
         &self.conversation
     }
+
+    /// Ends the turn with its final frames (`done` or `error`), published
+    /// after everything else of the turn is stored: a client that sends its
+    /// next message as soon as it reads `done` finds the session free (it
+    /// waits for the few microseconds until the lock is released).
+    pub fn finish(self, finals: &[Value]) {
+        self.conversation.releasing.store(true, std::sync::atomic::Ordering::SeqCst);
+        for payload in finals {
+            self.conversation.publish(payload);
+        }
+    }
 }
 
 impl Drop for TurnGuard {
     fn drop(&mut self) {
+        self.conversation.releasing.store(false, std::sync::atomic::Ordering::SeqCst);
         self.conversation.touch();
         let unfinished = self.conversation.log().turn_start.is_some();
         if unfinished {
@@ -402,7 +416,7 @@ impl Conversations {
                     log: Mutex::new(log),
                     published: watch::Sender::new(start),
                     last_used: Mutex::new(std::time::Instant::now()),
-                    stopping: std::sync::atomic::AtomicBool::new(false),
+                    releasing: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone()
@@ -447,10 +461,19 @@ pub async fn start_cli(
     make_room(state, &session.user_id).await?;
     let user_dir = state.user_dirs.base_path().join(&session.user_id);
     let privileged = state.supervisor.mode() == crate::config::SandboxMode::Privileged;
-    let resume = session.message_count > 0;
+    // The CLI refuses `--session-id` for a conversation it already has and
+    // `--resume` for one it has not: ask its transcript, not our counters
+    // (a first turn that failed still left one).
+    let cli_session = session.cli_session_id.as_deref().unwrap_or(&session.session_id);
+    let resume = sandbox::has_transcript(&user_dir, cli_session);
+    if session.message_count > 0 && !resume {
+        tracing::warn!(session_id = %session.session_id, "the CLI's transcript is gone; the conversation starts afresh");
+    }
+    let credential = state.model_proxy.issue(&session.user_id, &session.session_id);
     let model = sandbox::ModelEndpoint {
         base_url: state.model_proxy.base_url(),
-        credential: state.model_proxy.issue(&session.user_id, &session.session_id),
+        egress_proxy: None, // EGRESS-WIRING
+        credential,
     };
     let spec = sandbox::cli_spec(&state.config, session, &user_dir, privileged, resume, &model);
     let events = match state.supervisor.start_process(&session.user_id, &session.session_id, spec).await {
@@ -600,8 +623,14 @@ pub async fn run_turn(
     if let Err(error) = &result {
         history.push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
     }
-    if let Err(e) = state.store.append_messages(id, crate::store::now(), &history).await {
+    let now = crate::store::now();
+    if let Err(e) = state.store.append_messages(id, now, &history).await {
         tracing::warn!(session_id = %id, error = %e, "cannot store the turn's messages");
+    }
+    if let Ok(outcome) = &result
+        && let Err(e) = state.store.record_turn(id, now, &outcome.usage()).await
+    {
+        tracing::warn!(session_id = %id, error = %e, "cannot record the turn");
     }
     result
 }

@@ -96,6 +96,47 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// The model proxy every CLI talks to instead of the upstream API.
     pub model_proxy: ModelProxyConfig,
+    /// Web access of the sandboxes, through the egress proxy.
+    pub network: NetworkConfig,
+}
+
+/// The egress proxy: the only way from a sandbox to the web (HTTP_PROXY /
+/// HTTPS_PROXY of every CLI), limited to allow-listed domains.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Run the egress proxy. Off: sandboxes reach no host at all.
+    pub egress_proxy: bool,
+    /// A loopback address.
+    pub host: String,
+    /// 0: a free port, chosen at start.
+    pub port: u16,
+    /// Domains every user's tools may reach (`example.com` includes its
+    /// subdomains, `*.example.com` only them, `*` everything); admins can
+    /// replace the list per user. Empty: none.
+    pub allowed_domains: Vec<String>,
+    /// Destination ports allowed through the proxy.
+    pub allowed_ports: Vec<u16>,
+    /// Let allowed names resolve to private, loopback or link-local
+    /// addresses (off: such answers are refused, so DNS cannot point a
+    /// sandbox at the host's own services or a metadata endpoint).
+    pub allow_private_addresses: bool,
+    /// Host name → `ip:port` used instead of DNS (split horizon, tests).
+    pub resolve_overrides: BTreeMap<String, String>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            egress_proxy: true,
+            host: "127.0.0.1".into(),
+            port: 0,
+            allowed_domains: Vec::new(),
+            allowed_ports: vec![80, 443],
+            allow_private_addresses: false,
+            resolve_overrides: BTreeMap::new(),
+        }
+    }
 }
 
 /// USD per million tokens.
@@ -510,10 +551,13 @@ impl Default for SandboxConfig {
 
 impl SandboxConfig {
     /// The TCP ports a CLI may reach: configured, else the model's port.
-    /// The ports a CLI may connect to: the model proxy's and the extra ones.
-    pub fn tcp_ports(&self, model_proxy_port: u16) -> Vec<u16> {
-        let mut ports = vec![model_proxy_port];
-        ports.extend(self.allowed_tcp_ports.iter().flatten().filter(|&&p| p != model_proxy_port));
+    /// The ports a CLI may connect to: the control plane's proxies' and the
+    /// extra ones.
+    pub fn tcp_ports(&self, proxy_ports: &[u16]) -> Vec<u16> {
+        let mut ports = proxy_ports.to_vec();
+        ports.extend(self.allowed_tcp_ports.iter().flatten());
+        ports.sort_unstable();
+        ports.dedup();
         ports
     }
 }
@@ -672,6 +716,20 @@ impl Config {
                 "model_proxy.host",
                 format!("{:?} is not a loopback address; the proxy must not be reachable from outside", self.model_proxy.host),
             ));
+        }
+        if !self.network.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+            return Err(ConfigError::invalid(
+                "network.host",
+                format!("{:?} is not a loopback address; the egress proxy must not be reachable from outside", self.network.host),
+            ));
+        }
+        for (host, addr) in &self.network.resolve_overrides {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    "network.resolve_overrides",
+                    format!("{host}: {addr:?} is not an ip:port address"),
+                ));
+            }
         }
         if let Some(budget) = self.model_proxy.user_budget_usd
             && !(budget >= 0.0 && budget.is_finite())
@@ -834,11 +892,11 @@ mod tests {
     }
 
     #[test]
-    fn the_model_proxy_port_comes_first_and_extra_ports_follow() {
+    fn the_proxy_ports_and_the_extra_ports_are_allowed() {
         let mut sandbox = SandboxConfig::default();
-        assert_eq!(sandbox.tcp_ports(4100), [4100]);
+        assert_eq!(sandbox.tcp_ports(&[4100, 4200]), [4100, 4200]);
         sandbox.allowed_tcp_ports = Some(vec![4100, 443]);
-        assert_eq!(sandbox.tcp_ports(4100), [4100, 443]);
+        assert_eq!(sandbox.tcp_ports(&[4100]), [443, 4100]);
     }
 
     #[test]

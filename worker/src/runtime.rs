@@ -56,7 +56,7 @@ async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<
             }
         }
     });
-    let (exits, mut exited) = mpsc::unbounded_channel::<String>();
+    let (exits, mut exited) = mpsc::unbounded_channel::<FromWorker>();
     let mut running: HashMap<String, Running> = HashMap::new();
     let mut reap = tokio::time::interval(Duration::from_secs(1));
 
@@ -78,8 +78,13 @@ async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<
                     Err(error) => report(&outbox, None, format!("malformed frame ignored: {error}")),
                 }
             }
-            Some(session_id) = exited.recv() => {
-                running.remove(&session_id);
+            Some(exit) = exited.recv() => {
+                // Forget the process before the control plane hears of its
+                // exit: a Start it sends in reply must find the slot free.
+                if let FromWorker::Exited { session_id, .. } = &exit {
+                    running.remove(session_id);
+                }
+                let _ = outbox.send(exit);
             }
             _ = reap.tick() => reap_orphans(&running.values().map(|p| p.pgid).collect::<Vec<_>>()),
         }
@@ -102,7 +107,7 @@ fn handle(
     config: &WorkerConfig,
     running: &mut HashMap<String, Running>,
     outbox: &Outbox,
-    exits: &mpsc::UnboundedSender<String>,
+    exits: &mpsc::UnboundedSender<FromWorker>,
 ) {
     match message {
         ToWorker::Start { session_id, spec } => {
@@ -114,7 +119,12 @@ fn handle(
                 Ok(process) => {
                     running.insert(session_id, process);
                 }
-                Err(error) => report(outbox, Some(&session_id), format!("cannot start the CLI: {error}")),
+                Err(error) => {
+                    report(outbox, Some(&session_id), format!("cannot start the CLI: {error}"));
+                    // Nothing runs: say so the way a finished process does,
+                    // so the control plane frees the session's slot.
+                    let _ = outbox.send(FromWorker::Exited { session_id, seq: 0, code: None, signal: None });
+                }
             }
         }
         ToWorker::Stdin { session_id, data } => match running.get(&session_id) {
@@ -148,7 +158,7 @@ fn start(
     spec: ProcessSpec,
     config: &WorkerConfig,
     outbox: &Outbox,
-    exits: &mpsc::UnboundedSender<String>,
+    exits: &mpsc::UnboundedSender<FromWorker>,
 ) -> std::io::Result<Running> {
     // Landlock enforces this too; refusing early gives a clear message.
     let cwd = std::fs::canonicalize(&spec.cwd)?;
@@ -196,7 +206,7 @@ async fn feed_stdin(mut stdin: ChildStdin, mut lines: mpsc::UnboundedReceiver<St
 }
 
 /// Relays both output streams, then reports the exit after the last line.
-async fn supervise(session_id: String, mut child: Child, outbox: Outbox, exits: mpsc::UnboundedSender<String>) {
+async fn supervise(session_id: String, mut child: Child, outbox: Outbox, exits: mpsc::UnboundedSender<FromWorker>) {
     let seq = Arc::new(AtomicU64::new(0));
     let status = relay_until_exit(&session_id, &mut child, &seq, &outbox).await;
     use std::os::unix::process::ExitStatusExt;
@@ -204,13 +214,8 @@ async fn supervise(session_id: String, mut child: Child, outbox: Outbox, exits: 
         Ok(status) => (status.code(), status.signal()),
         Err(_) => (None, None),
     };
-    let _ = outbox.send(FromWorker::Exited {
-        session_id: session_id.clone(),
-        seq: seq.load(Ordering::SeqCst),
-        code,
-        signal,
-    });
-    let _ = exits.send(session_id);
+    // Through the main loop, which frees the session's slot first.
+    let _ = exits.send(FromWorker::Exited { session_id, seq: seq.load(Ordering::SeqCst), code, signal });
 }
 
 /// Relays the CLI's output until it has exited (and its output drained).

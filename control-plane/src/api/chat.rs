@@ -29,7 +29,7 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::chat::{self, StreamItem, TurnError, TurnOutcome, WarmScope};
+use crate::chat::{self, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
 use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -160,10 +160,32 @@ fn tool_calls(messages: &[Value]) -> Vec<ToolCall> {
 }
 
 /// Records the turn in the store (count, activity, usage).
-async fn record(state: &AppState, session: &Session, outcome: &TurnOutcome) {
-    if let Err(e) = state.store.record_turn(&session.session_id, store::now(), &outcome.usage()).await {
-        tracing::warn!(session_id = %session.session_id, error = %e, "cannot record the turn");
+/// Runs a turn whose frames go to the session's log as they come (for the
+/// SSE response and any watcher), recorded before its final frame is sent.
+async fn published_turn(
+    state: &AppState,
+    session: &Session,
+    turn: TurnGuard,
+    request: &ChatRequest,
+) -> Result<TurnOutcome, ApiError> {
+    let conversation = turn.conversation().clone();
+    let mut finals = Vec::new();
+    let result = chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |message| {
+        for payload in frames_of(message) {
+            if matches!(payload["type"].as_str(), Some("done" | "error")) {
+                finals.push(payload);
+            } else {
+                conversation.publish(&payload);
+            }
+        }
+    })
+    .await
+    .map_err(turn_error);
+    if let Err(error) = &result {
+        finals = vec![error_frame(&error.to_string())];
     }
+    turn.finish(&finals);
+    result
 }
 
 /// Send a message and wait for the whole turn.
@@ -187,25 +209,9 @@ pub async fn chat(
 ) -> Result<Json<ChatResponse>, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
     let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
-    let conversation = turn.conversation().clone();
     // A sync turn is streamed to the session's frame log too, so a client can
     // watch it on GET /api/v1/sessions/{id}/stream.
-    let result = chat::run_turn(&state, &session, &request.message, Duration::from_secs(request.timeout), |message| {
-        for payload in frames_of(message) {
-            conversation.publish(&payload);
-        }
-    })
-    .await;
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(error) => {
-            let error = turn_error(error);
-            conversation.publish(&error_frame(&error.to_string()));
-            return Err(error);
-        }
-    };
-    record(&state, &session, &outcome).await;
-    drop(turn);
+    let outcome = published_turn(&state, &session, turn, &request).await?;
     let result = &outcome.result;
     Ok(Json(ChatResponse {
         session_id: session.session_id.clone(),
@@ -300,27 +306,12 @@ pub async fn chat_stream(
 ) -> Result<Response, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
     let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
-    let conversation = turn.conversation().clone();
     // Subscribed before the turn starts, so the response misses nothing.
-    let frames = conversation.clone().frames(turn.first_frame, false);
+    let frames = turn.conversation().clone().frames(turn.first_frame, false);
     // The turn runs on its own task: a client that disconnects does not
-    // stop it, and the turn ends (lock released) when the CLI's result is in.
+    // stop it, and the session is free again when the CLI's result is in.
     tokio::spawn(async move {
-        let conversation = turn.conversation().clone();
-        let timeout = Duration::from_secs(request.timeout);
-        let result = chat::run_turn(&state, &session, &request.message, timeout, |message| {
-            for payload in frames_of(message) {
-                conversation.publish(&payload);
-            }
-        })
-        .await;
-        match result {
-            Ok(outcome) => record(&state, &session, &outcome).await,
-            Err(error) => {
-                conversation.publish(&error_frame(&turn_error(error).to_string()));
-            }
-        }
-        drop(turn);
+        let _ = published_turn(&state, &session, turn, &request).await;
     });
     Ok(sse_response(frames))
 }

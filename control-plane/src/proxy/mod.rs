@@ -11,6 +11,7 @@
 //! Every request lands in the audit log (`model_requests`), the source of
 //! truth for usage. A credential dies with its CLI process.
 
+pub mod egress;
 pub mod meter;
 
 use std::collections::{HashMap, VecDeque};
@@ -196,6 +197,11 @@ impl ModelProxy {
 
     fn lock_grants(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Grant>> {
         self.grants.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The (user, session) a live credential belongs to.
+    pub fn owner_of(&self, credential: &str) -> Option<(String, String)> {
+        self.lock_grants().get(&digest(credential)).map(|g| (g.user_id.clone(), g.session_id.clone()))
     }
 
     fn grant(&self, headers: &HeaderMap) -> Option<Grant> {

@@ -108,11 +108,22 @@ pub fn cli_path(config: &Config) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("claude"))
 }
 
-/// Where a CLI sends its model requests, and with which credential.
+/// Whether the CLI has a transcript of conversation `cli_session_id` in
+/// the user's directory (`$CLAUDE_CONFIG_DIR/projects/<cwd>/<id>.jsonl`).
+pub fn has_transcript(user_dir: &Path, cli_session_id: &str) -> bool {
+    let file = format!("{cli_session_id}.jsonl");
+    let Ok(projects) = std::fs::read_dir(user_dir.join(".claude/projects")) else { return false };
+    projects.flatten().any(|project| std::fs::symlink_metadata(project.path().join(&file)).is_ok_and(|m| m.is_file()))
+}
+
+/// Where a CLI sends its model requests and its web requests, and with
+/// which credential (the same one for both, valid while the process runs).
 #[derive(Debug)]
 pub struct ModelEndpoint {
     pub base_url: String,
     pub credential: crate::config::Secret,
+    /// `http://cah:<credential>@127.0.0.1:<port>` of the egress proxy.
+    pub egress_proxy: Option<crate::config::Secret>,
 }
 
 /// The configuration a user's worker receives in its `Hello` frame.
@@ -122,7 +133,7 @@ pub fn worker_config(
     user_dir: &Path,
     drop_to: Option<UserIds>,
     cgroup_procs: Vec<PathBuf>,
-    model_proxy_port: u16,
+    proxy_ports: &[u16],
 ) -> WorkerConfig {
     let sandbox = &config.sandbox;
     let cli = cli_path(config);
@@ -142,7 +153,7 @@ pub fn worker_config(
             min_abi: sandbox.landlock_min_abi,
             read_only,
             read_write_files: DEVICES.iter().map(PathBuf::from).collect(),
-            tcp_connect_ports: sandbox.tcp_ports(model_proxy_port),
+            tcp_connect_ports: sandbox.tcp_ports(proxy_ports),
         },
         seccomp: SeccompConfig {
             enabled: true,
@@ -239,6 +250,16 @@ pub fn cli_spec(
     // model proxy with a credential of its own, valid while it runs.
     env.push(("ANTHROPIC_BASE_URL".to_owned(), model.base_url.clone()));
     env.push(("ANTHROPIC_API_KEY".to_owned(), model.credential.expose().to_owned()));
+    // Web access only through the egress proxy (its allow-list); the model
+    // proxy is reached directly.
+    if let Some(proxy) = &model.egress_proxy {
+        for name in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+            env.push((name.to_owned(), proxy.expose().to_owned()));
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            env.push((name.to_owned(), "127.0.0.1,localhost".to_owned()));
+        }
+    }
     if let Some(model) = &config.anthropic.model {
         env.push(("ANTHROPIC_MODEL".to_owned(), model.clone()));
     }

@@ -213,8 +213,9 @@ pub struct Supervisor {
     store: Arc<dyn Store>,
     base_dir: PathBuf,
     cgroups: Option<Arc<CgroupManager>>,
-    /// The model proxy's port: the one TCP port every sandbox may reach.
-    model_proxy_port: u16,
+    /// The control plane's proxies (model, egress): the TCP ports every
+    /// sandbox may reach.
+    proxy_ports: Vec<u16>,
     workers: tokio::sync::Mutex<HashMap<String, Arc<Worker>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -227,7 +228,7 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(config: Config, store: Arc<dyn Store>, base_dir: PathBuf, model_proxy_port: u16) -> Self {
+    pub fn new(config: Config, store: Arc<dyn Store>, base_dir: PathBuf, proxy_ports: Vec<u16>) -> Self {
         let mode = sandbox::resolve_mode(config.sandbox.mode);
         let cgroups = match CgroupManager::detect() {
             Ok(manager) => manager.map(Arc::new),
@@ -256,7 +257,7 @@ impl Supervisor {
             store,
             base_dir,
             cgroups,
-            model_proxy_port,
+            proxy_ports,
             workers: tokio::sync::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -371,10 +372,16 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let mut workers = self.workers.lock().await;
-        if let Some(worker) = workers.get(user_id)
-            && !worker.exited.is_cancelled()
-        {
-            return Ok(worker.clone());
+        if let Some(worker) = workers.get(user_id) {
+            if !worker.exited.is_cancelled() {
+                return Ok(worker.clone());
+            }
+            // A dead worker's clean-up kills everything in the user's (and
+            // its sessions') cgroups: the new worker must start after it.
+            let cleaned = worker.cleaned.clone();
+            if tokio::time::timeout(Duration::from_secs(10), cleaned.cancelled()).await.is_err() {
+                return Err(SupervisorError::Start("the previous worker is still being cleaned up".into()));
+            }
         }
         let worker = self.spawn_worker(user_id).await?;
         workers.insert(user_id.to_owned(), worker.clone());
@@ -413,7 +420,7 @@ impl Supervisor {
             }
         };
         let procs = cgroup.as_ref().map(UserCgroup::procs_files).unwrap_or_default();
-        let worker_config = sandbox::worker_config(&self.config, user_id, &user_dir, drop_to, procs, self.model_proxy_port);
+        let worker_config = sandbox::worker_config(&self.config, user_id, &user_dir, drop_to, procs, &self.proxy_ports);
 
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
