@@ -342,6 +342,27 @@ impl TestServer {
     }
 
     /// Creates `user_id` (as admin) and returns a fresh token for it.
+    /// A sync chat turn (`timeout` 120 s); a request that hangs fails the
+    /// test with the server's log rather than the HTTP client's bare timeout.
+    pub async fn chat(&self, token: &str, session: &str, message: &str) -> Reply {
+        let body = serde_json::json!({"session_id": session, "message": message, "timeout": 120});
+        tokio::time::timeout(std::time::Duration::from_secs(150), self.post("/api/v1/chat", token, body))
+            .await
+            .unwrap_or_else(|_| panic!("POST /api/v1/chat {message:?} hangs\n{}", self.log()))
+    }
+
+    /// Opens `POST /api/v1/chat/stream` and checks that it started (200).
+    pub async fn open_stream(&self, token: &str, session: &str, message: &str) -> Response {
+        let response = self
+            .request(Method::POST, "/api/v1/chat/stream", Some(token))
+            .json(&serde_json::json!({"session_id": session, "message": message, "timeout": 120}))
+            .send()
+            .await
+            .expect("stream request sent");
+        assert_eq!(response.status(), StatusCode::OK, "the stream did not start\n{}", self.log());
+        response
+    }
+
     pub async fn user_with_token(&self, user_id: &str) -> String {
         let created = self.post("/api/v1/users", &self.admin_token, serde_json::json!({"user_id": user_id})).await;
         assert!(created.status == StatusCode::CREATED || created.status == StatusCode::CONFLICT, "{created:?}");
@@ -546,4 +567,17 @@ pub async fn session_model_credential(session_id: &str) -> (String, String) {
         env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("{key} not set: {env:?}"))
     };
     (get("ANTHROPIC_BASE_URL"), get("ANTHROPIC_API_KEY"))
+}
+
+/// Waits until `mock` has received a model request whose last user text
+/// contains `needle`.
+pub async fn wait_for_model_request(mock: &mock_model::MockServer, needle: &str, within: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains(needle))) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
 }

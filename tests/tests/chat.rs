@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{Reply, ServerConfig, TestServer, read_sse};
+use integration_tests::{Reply, ServerConfig, TestServer, read_sse, wait_for_model_request};
 use mock_model::{MockModel, MockServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -13,10 +13,6 @@ async fn server_with_cli(mock: &MockServer, extra: ServerConfig) -> TestServer {
     TestServer::start_with(extra.with_cli(mock)).await
 }
 
-async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
-    server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
-}
-
 #[tokio::test]
 async fn a_text_turn_and_a_second_turn_that_remembers_the_first() {
     let mock = MockModel::start().await.expect("mock");
@@ -24,14 +20,14 @@ async fn a_text_turn_and_a_second_turn_that_remembers_the_first() {
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
 
-    let first = chat(&server, &alice, &session, "hello there").await;
+    let first = server.chat(&alice, &session, "hello there").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
     assert_eq!(first.body["text"], "echo: hello there");
     assert_eq!(first.body["is_error"], false);
     assert_eq!(first.body["subtype"], "success");
     assert!(first.body["messages"].as_array().is_some_and(|m| m.iter().any(|x| x["type"] == "assistant")));
 
-    let second = chat(&server, &alice, &session, "mock:reply second").await;
+    let second = server.chat(&alice, &session, "mock:reply second").await;
     assert_eq!(second.body["text"], "second", "{second:?}");
     // The model saw the first turn in the second request.
     let last = mock.message_requests().pop().expect("a request");
@@ -67,8 +63,7 @@ async fn tools_run_inside_the_users_directory_only() {
     std::fs::write(&secret, "bob's secret").expect("secret");
     let session = server.session(&alice, json!({"subdir": "work"})).await;
 
-    let bash = chat(
-        &server,
+    let bash = server.chat(
         &alice,
         &session,
         r#"mock:tool Bash {"command": "echo made-by-bash > made.txt && cat made.txt"}"#,
@@ -81,13 +76,13 @@ async fn tools_run_inside_the_users_directory_only() {
     assert_eq!(std::fs::read_to_string(&made).expect("the file exists in alice's dir").trim(), "made-by-bash");
 
     let read = format!(r#"mock:tool Read {{"file_path": "{}"}}"#, secret.display());
-    let denied = chat(&server, &alice, &session, &read).await;
+    let denied = server.chat(&alice, &session, &read).await;
     assert_eq!(denied.status, StatusCode::OK, "{denied:?}");
     let text = denied.body["text"].as_str().unwrap_or("");
     assert!(text.contains("(error)") && !text.contains("bob's secret"), "{text}");
 
     let cat = format!(r#"mock:tool Bash {{"command": "cat {}"}}"#, secret.display());
-    let denied = chat(&server, &alice, &session, &cat).await;
+    let denied = server.chat(&alice, &session, &cat).await;
     let text = denied.body["text"].as_str().unwrap_or("");
     assert!(!text.contains("bob's secret") && text.contains("Permission denied"), "{text}");
 }
@@ -146,21 +141,10 @@ async fn a_second_turn_while_one_runs_is_429_and_interrupt_ends_it() {
     };
     // Wait until the model is really streaming the slow reply (the CLI may
     // still be starting on a loaded machine).
-    let mut streaming = false;
-    for _ in 0..300 {
-        if mock
-            .message_requests()
-            .iter()
-            .any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("mock:slow 500 40")))
-        {
-            streaming = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(streaming, "the slow turn never reached the model");
+    let streaming = wait_for_model_request(&mock, "mock:slow 500 40", Duration::from_secs(30)).await;
+    assert!(streaming, "the slow turn never reached the model\n{}", server.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = chat(&server, &alice, &session, "hello").await;
+    let busy = server.chat(&alice, &session, "hello").await;
     busy.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert_eq!(busy.body["detail"], "Session is busy processing another request");
 
@@ -173,7 +157,7 @@ async fn a_second_turn_while_one_runs_is_429_and_interrupt_ends_it() {
     assert_eq!(reply.body["is_error"], true);
     // The session stays usable.
     // (The CLI prefixes its own "[Request interrupted by user]" note.)
-    let after = chat(&server, &alice, &session, "still there?").await;
+    let after = server.chat(&alice, &session, "still there?").await;
     assert_eq!(after.body["is_error"], false, "{after:?}");
     assert!(after.body["text"].as_str().is_some_and(|t| t.ends_with("still there?")), "{after:?}");
 }
@@ -185,11 +169,11 @@ async fn chat_on_unknown_deleted_or_foreign_sessions_is_404_and_bad_bodies_422()
     let alice = server.user_with_token("alice").await;
     let bob = server.user_with_token("bob").await;
     let session = server.session(&alice, json!({})).await;
-    chat(&server, &bob, &session, "hi").await.assert_error(StatusCode::NOT_FOUND, "not_found");
+    server.chat(&bob, &session, "hi").await.assert_error(StatusCode::NOT_FOUND, "not_found");
     let stream = server.post("/api/v1/chat/stream", &bob, json!({"session_id": session, "message": "hi"})).await;
     stream.assert_error(StatusCode::NOT_FOUND, "not_found");
     assert_eq!(server.delete(&format!("/api/v1/sessions/{session}"), &alice).await.status, StatusCode::NO_CONTENT);
-    let gone = chat(&server, &alice, &session, "hi").await;
+    let gone = server.chat(&alice, &session, "hi").await;
     gone.assert_error(StatusCode::NOT_FOUND, "not_found");
     assert_eq!(gone.body["detail"], "Session not found or expired");
     for body in [
@@ -213,7 +197,7 @@ async fn model_errors_end_as_an_error_result_and_the_cli_retries_429() {
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let retried = chat(&server, &alice, &session, "mock:fail 429 2 retry-after=0\nmock:reply finally").await;
+    let retried = server.chat(&alice, &session, "mock:fail 429 2 retry-after=0\nmock:reply finally").await;
     assert_eq!(retried.body["text"], "finally", "{retried:?}");
     assert_eq!(retried.body["is_error"], false);
 }
@@ -224,10 +208,10 @@ async fn conversations_resume_after_a_server_restart() {
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "remember the word pineapple").await;
+    let first = server.chat(&alice, &session, "remember the word pineapple").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     let server = server.restart().await;
-    let second = chat(&server, &alice, &session, "mock:reply ok").await;
+    let second = server.chat(&alice, &session, "mock:reply ok").await;
     assert_eq!(second.status, StatusCode::OK, "{second:?}\n{}", server.log());
     let last = mock.message_requests().pop().expect("request");
     assert!(last.messages.iter().any(|m| m.text.contains("pineapple")), "the resumed CLI lost the first turn");
@@ -244,7 +228,7 @@ async fn session_options_reach_the_cli() {
         "disallowed_tools": ["Bash"],
     });
     let session = server.session(&alice, options).await;
-    let reply = chat(&server, &alice, &session, r#"mock:tool Bash {"command": "touch bash-ran"}"#).await;
+    let reply = server.chat(&alice, &session, r#"mock:tool Bash {"command": "touch bash-ran"}"#).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let requests = mock.message_requests();
     let first = requests.iter().find(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("bash-ran")));
@@ -256,8 +240,8 @@ async fn session_options_reach_the_cli() {
 
     // A budget the first turn exceeds: the CLI stops with its budget subtype.
     let capped = server.session(&alice, json!({"max_budget_usd": 0.000001})).await;
-    let first = chat(&server, &alice, &capped, "hello").await;
-    let second = chat(&server, &alice, &capped, "again").await;
+    let first = server.chat(&alice, &capped, "hello").await;
+    let second = server.chat(&alice, &capped, "again").await;
     let subtypes = [first.body["subtype"].clone(), second.body["subtype"].clone()];
     assert!(subtypes.iter().any(|s| s == "error_max_budget_usd"), "{first:?}\n{second:?}");
 }

@@ -9,63 +9,16 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{Backend, Reply, ServerConfig, SseEvent, TestServer, read_sse};
+use integration_tests::{
+    Backend, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids, wait_for_model_request,
+};
 use mock_model::{MockModel, MockServer};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::StatusCode;
 use serde_json::json;
 
 /// A server whose sessions run the real CLI against `mock`.
 async fn server_with_cli(mock: &MockServer, config: ServerConfig) -> TestServer {
     TestServer::start_with(config.with_cli(mock)).await
-}
-
-/// A sync turn (timeout 30 s); a request that outlives it fails the test
-/// with the server's log instead of the HTTP client's bare timeout.
-async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
-    let body = json!({"session_id": session, "message": message, "timeout": 30});
-    tokio::time::timeout(Duration::from_secs(45), server.post("/api/v1/chat", token, body))
-        .await
-        .unwrap_or_else(|_| panic!("POST /api/v1/chat {message:?} hangs (no answer in 45 s)\n{}", server.log()))
-}
-
-/// A sync turn right after a streamed one: retried (2 s at most) while the
-/// session is still busy, as the stream's final frame comes a moment
-/// before the turn releases the session (see
-/// `the_next_message_is_accepted_as_soon_as_the_stream_says_done`).
-async fn chat_after_stream(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
-    let until = Instant::now() + Duration::from_secs(2);
-    loop {
-        let reply = chat(server, token, session, message).await;
-        if reply.status != StatusCode::TOO_MANY_REQUESTS || Instant::now() >= until {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Opens `POST /api/v1/chat/stream` and checks it started (200, SSE).
-async fn open_stream(server: &TestServer, token: &str, session: &str, message: &str) -> Response {
-    let response = server
-        .request(Method::POST, "/api/v1/chat/stream", Some(token))
-        .json(&json!({"session_id": session, "message": message, "timeout": 120}))
-        .send()
-        .await
-        .expect("stream request sent");
-    assert_eq!(response.status(), StatusCode::OK, "the stream did not start\n{}", server.log());
-    response
-}
-
-/// Waits until the model has received a request whose last user text
-/// contains `needle`.
-async fn wait_for_model_request(mock: &MockServer, needle: &str, within: Duration) -> bool {
-    let until = Instant::now() + within;
-    while Instant::now() < until {
-        if mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains(needle))) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// The model requests whose last user text contains `needle`.
@@ -76,13 +29,6 @@ fn requests_with(mock: &MockServer, needle: &str) -> Vec<mock_model::RequestReco
         .collect()
 }
 
-/// Every pid under /proc.
-fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
 /// A process's argv.
 fn cmdline(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -90,18 +36,6 @@ fn cmdline(pid: u32) -> Vec<String> {
             raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
         })
         .unwrap_or_default()
-}
-
-/// Live CLI processes of a session: `--session-id <id>` or `--resume <id>`
-/// on the command line (zombies left out).
-fn cli_pids(session_id: &str) -> Vec<u32> {
-    all_pids()
-        .into_iter()
-        .filter(|pid| {
-            cmdline(*pid).windows(2).any(|w| (w[0] == "--session-id" || w[0] == "--resume") && w[1] == session_id)
-        })
-        .filter(|pid| is_alive(*pid))
-        .collect()
 }
 
 /// The `/proc/<pid>/stat` fields after the command name (state first).
@@ -133,7 +67,7 @@ fn is_worker(pid: u32) -> bool {
 async fn wait_for_cli(session_id: &str, within: Duration) -> Vec<u32> {
     let until = Instant::now() + within;
     loop {
-        let pids = cli_pids(session_id);
+        let pids = session_process_pids(session_id);
         if !pids.is_empty() || Instant::now() >= until {
             return pids;
         }
@@ -150,6 +84,13 @@ fn kinds(events: &[SseEvent]) -> Vec<String> {
     events.iter().map(|e| e.kind().to_owned()).collect()
 }
 
+/// A sync turn scripted to reply `text` succeeds with exactly that.
+async fn assert_replies(server: &TestServer, token: &str, session: &str, text: &str, when: &str) {
+    let reply = server.chat(token, session, &format!("mock:reply {text}")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{when}: the turn failed: {reply:?}\n{}", server.log());
+    assert_eq!(reply.body["text"], text, "{when}: {reply:?}");
+}
+
 #[tokio::test]
 async fn parallel_tool_calls_in_one_message_all_run() {
     let mock = MockModel::start().await.expect("mock");
@@ -159,7 +100,7 @@ async fn parallel_tool_calls_in_one_message_all_run() {
 
     let message = "mock:tool Bash {\"command\": \"echo one > a.txt && echo wrote-a\"}\n\
                    mock:tool Bash {\"command\": \"echo two > b.txt && echo wrote-b\"}";
-    let reply = chat(&server, &alice, &session, message).await;
+    let reply = server.chat(&alice, &session, message).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
     assert_eq!(reply.body["is_error"], false, "{reply:?}");
 
@@ -194,7 +135,7 @@ async fn start_slow_stream(
     tag: &str,
 ) -> tokio::task::JoinHandle<Vec<SseEvent>> {
     let message = format!("mock:slow 500 40\nmock:reply {tag} a long slow answer that takes twenty seconds to stream");
-    let response = open_stream(server, token, session, &message).await;
+    let response = server.open_stream(token, session, &message).await;
     let reader = tokio::spawn(read_sse(response, |_| false));
     assert!(
         wait_for_model_request(mock, tag, Duration::from_secs(30)).await,
@@ -206,7 +147,7 @@ async fn start_slow_stream(
 
 /// The session's CLI and the worker that runs it (its parent).
 fn cli_and_worker(server: &TestServer, session: &str) -> (u32, u32) {
-    let cli = cli_pids(session);
+    let cli = session_process_pids(session);
     assert_eq!(cli.len(), 1, "one CLI process for the session: {cli:?}\n{}", server.log());
     let worker = parent_of(cli[0]).expect("the CLI's parent");
     assert!(is_worker(worker), "the CLI's parent {worker} is not claude-agent-worker: {:?}", cmdline(worker));
@@ -268,7 +209,7 @@ async fn a_worker_killed_mid_turn_ends_the_stream_with_an_error_and_the_session_
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "remember the word kiwi").await;
+    let first = server.chat(&alice, &session, "remember the word kiwi").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
 
     let reader = start_slow_stream(&server, &mock, &alice, &session, "slow-kill-worker").await;
@@ -289,7 +230,7 @@ async fn a_worker_killed_mid_turn_ends_the_stream_with_an_error_and_the_session_
     assert!(wait_until_reaped(worker, Duration::from_secs(10)).await, "the dead worker {worker} was never reaped");
 
     let started = Instant::now();
-    let next = chat(&server, &alice, &session, "mock:reply back again").await;
+    let next = server.chat(&alice, &session, "mock:reply back again").await;
     eprintln!("the next turn after the kill took {:?}", started.elapsed());
     assert_eq!(next.status, StatusCode::OK, "{next:?}\n{}", server.log());
     assert_eq!(next.body["is_error"], false, "{next:?}");
@@ -319,7 +260,7 @@ async fn a_message_sent_right_after_a_worker_died_is_not_killed_by_its_clean_up(
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "mock:reply first").await;
+    let first = server.chat(&alice, &session, "mock:reply first").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
     for round in 0..3 {
         let reader = start_slow_stream(&server, &mock, &alice, &session, &format!("slow-race-{round}")).await;
@@ -328,14 +269,7 @@ async fn a_message_sent_right_after_a_worker_died_is_not_killed_by_its_clean_up(
         sigkill(worker);
         stream_ends_with_error(&server, reader, killed).await;
         // At once, as a client retrying on the error frame would.
-        let next = chat(&server, &alice, &session, &format!("mock:reply retry {round}")).await;
-        assert_eq!(
-            next.status,
-            StatusCode::OK,
-            "round {round}: the turn right after the worker died failed: {next:?}\n{}",
-            server.log()
-        );
-        assert_eq!(next.body["text"], format!("retry {round}"), "{next:?}");
+        assert_replies(&server, &alice, &session, &format!("retry {round}"), "right after the worker died").await;
     }
 }
 
@@ -353,7 +287,7 @@ async fn a_cli_killed_mid_turn_ends_the_stream_with_an_error_and_the_next_messag
     .await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "remember the word mango").await;
+    let first = server.chat(&alice, &session, "remember the word mango").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
     for round in 0..5 {
         let reader = start_slow_stream(&server, &mock, &alice, &session, &format!("slow-cli-{round}")).await;
@@ -434,11 +368,11 @@ async fn a_worker_killed_during_the_first_turn_leaves_a_usable_session() {
     // Not the race above: the dead worker is cleaned up and reaped first.
     assert!(wait_until_reaped(worker, Duration::from_secs(10)).await, "the dead worker {worker} was never reaped");
 
-    let next = chat(&server, &alice, &session, "mock:reply second try").await;
+    let next = server.chat(&alice, &session, "mock:reply second try").await;
     assert_eq!(next.status, StatusCode::OK, "{next:?}\n{}", server.log());
     assert_eq!(next.body["is_error"], false, "{next:?}\n{}", server.log());
     let text = next.body["text"].as_str().unwrap_or_default();
-    eprintln!("after a killed first turn: {text:?}, CLI args {:?}", cmdline(cli_pids(&session)[0]));
+    eprintln!("after a killed first turn: {text:?}, CLI args {:?}", cmdline(session_process_pids(&session)[0]));
     assert!(text.ends_with("second try"), "{next:?}");
 }
 
@@ -451,7 +385,7 @@ async fn model_500_and_529_are_retried_until_the_answer_comes() {
     for status in [500, 529] {
         let line = format!("mock:fail {status} 2 tag-{status}");
         let started = Instant::now();
-        let reply = chat(&server, &alice, &session, &format!("{line}\nmock:reply ok")).await;
+        let reply = server.chat(&alice, &session, &format!("{line}\nmock:reply ok")).await;
         let took = started.elapsed();
         let requests = requests_with(&mock, &line);
         let at: Vec<u64> = requests.iter().map(|r| r.at_ms).collect();
@@ -479,7 +413,7 @@ async fn model_errors_the_cli_gives_up_on_are_an_error_result_in_bounded_time() 
     // features, then gives up.
     let session = server.session(&alice, json!({})).await;
     let started = Instant::now();
-    let reply = chat(&server, &alice, &session, "mock:fail 400 100 tag-400\nmock:reply never").await;
+    let reply = server.chat(&alice, &session, "mock:fail 400 100 tag-400\nmock:reply never").await;
     let took = started.elapsed();
     let attempts = requests_with(&mock, "tag-400").len();
     eprintln!("400 always: {took:?}, {attempts} requests, {}", reply.body["text"]);
@@ -494,7 +428,7 @@ async fn model_errors_the_cli_gives_up_on_are_an_error_result_in_bounded_time() 
     // result and an `error` frame.
     let session = server.session(&alice, json!({})).await;
     let started = Instant::now();
-    let response = open_stream(&server, &alice, &session, "mock:fail 402 1 tag-402\nmock:reply never").await;
+    let response = server.open_stream(&alice, &session, "mock:fail 402 1 tag-402\nmock:reply never").await;
     let events = tokio::time::timeout(Duration::from_secs(30), read_sse(response, |_| false))
         .await
         .unwrap_or_else(|_| panic!("the stream of a 402 does not end\n{}", server.log()));
@@ -509,7 +443,7 @@ async fn model_errors_the_cli_gives_up_on_are_an_error_result_in_bounded_time() 
 
     // The session stays usable. The CLI sends the failed message again,
     // merged with the new one into one user message (its 402 is spent).
-    let after = chat_after_stream(&server, &alice, &session, "mock:reply after").await;
+    let after = server.chat(&alice, &session, "mock:reply after").await;
     assert_eq!(after.status, StatusCode::OK, "{after:?}\n{}", server.log());
     assert_eq!(after.body["is_error"], false, "{after:?}");
     assert_eq!(after.body["text"], "never\nafter", "{after:?}");
@@ -550,7 +484,7 @@ async fn a_cut_stream_is_retried_and_the_session_stays_usable() {
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
     let started = Instant::now();
-    let reply = chat(&server, &alice, &session, "mock:cut 1 tag-cut\nmock:reply one two three four five six").await;
+    let reply = server.chat(&alice, &session, "mock:cut 1 tag-cut\nmock:reply one two three four five six").await;
     let took = started.elapsed();
     let outcomes: Vec<String> = requests_with(&mock, "tag-cut").iter().map(|r| r.outcome.clone()).collect();
     eprintln!("cut once: {took:?}, requests {outcomes:?}, text {}", reply.body["text"]);
@@ -562,7 +496,7 @@ async fn a_cut_stream_is_retried_and_the_session_stays_usable() {
 
     // Streamed: what a client sees of the cut attempt and of the retry.
     let response =
-        open_stream(&server, &alice, &session, "mock:cut 1 tag-cut-sse\nmock:reply seven eight nine ten eleven").await;
+        server.open_stream(&alice, &session, "mock:cut 1 tag-cut-sse\nmock:reply seven eight nine ten eleven").await;
     let events = tokio::time::timeout(Duration::from_secs(30), read_sse(response, |_| false))
         .await
         .unwrap_or_else(|_| panic!("the stream does not end\n{}", server.log()));
@@ -577,7 +511,7 @@ async fn a_cut_stream_is_retried_and_the_session_stays_usable() {
     let deltas = streamed_text(&events);
     assert!(deltas.ends_with("seven eight nine ten eleven"), "the retry's text is missing: {deltas:?}");
 
-    let after = chat_after_stream(&server, &alice, &session, "mock:reply next turn").await;
+    let after = server.chat(&alice, &session, "mock:reply next turn").await;
     assert_eq!(after.status, StatusCode::OK, "{after:?}\n{}", server.log());
     assert_eq!(after.body["is_error"], false, "{after:?}");
     assert_eq!(after.body["text"], "next turn", "{after:?}");
@@ -594,7 +528,7 @@ async fn the_next_message_is_accepted_as_soon_as_the_stream_says_done() {
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
     for round in 0..20 {
-        let response = open_stream(&server, &alice, &session, &format!("mock:reply streamed {round}")).await;
+        let response = server.open_stream(&alice, &session, &format!("mock:reply streamed {round}")).await;
         let events = tokio::time::timeout(
             Duration::from_secs(30),
             read_sse(response, |e| e.kind() == "done" || e.kind() == "error"),
@@ -603,14 +537,7 @@ async fn the_next_message_is_accepted_as_soon_as_the_stream_says_done() {
         .unwrap_or_else(|_| panic!("the stream does not end\n{}", server.log()));
         assert_eq!(events.last().map(SseEvent::kind), Some("done"), "{:?}", kinds(&events));
         // At once, as a client that read `done` would.
-        let next = chat(&server, &alice, &session, &format!("mock:reply sync {round}")).await;
-        assert_eq!(
-            next.status,
-            StatusCode::OK,
-            "round {round}: the message sent right after `done` was refused: {next:?}\n{}",
-            server.log()
-        );
-        assert_eq!(next.body["text"], format!("sync {round}"), "{next:?}");
+        assert_replies(&server, &alice, &session, &format!("sync {round}"), "right after `done`").await;
     }
 }
 
@@ -628,7 +555,7 @@ async fn two_users_streaming_at_once_each_get_only_their_own_frames() {
         let message = format!("mock:slow 200 8\nmock:reply {text}");
         let server = &server;
         async move {
-            let response = open_stream(server, &token, &session, &message).await;
+            let response = server.open_stream(&token, &session, &message).await;
             let start = Instant::now();
             let events = read_sse(response, |_| false).await;
             (start, events)
@@ -692,7 +619,7 @@ async fn session_create_does_not_wait_for_the_cli_and_the_first_message_works_at
     let started = Instant::now();
     let first = server.session(&alice, json!({})).await;
     let create_first = started.elapsed();
-    let reply = chat(&server, &alice, &first, "mock:reply first ok").await;
+    let reply = server.chat(&alice, &first, "mock:reply first ok").await;
     let first_turn = started.elapsed();
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
     assert_eq!(reply.body["text"], "first ok", "{reply:?}");
@@ -708,7 +635,7 @@ async fn session_create_does_not_wait_for_the_cli_and_the_first_message_works_at
     assert_eq!(cli.len(), 1, "the CLI starts on create, before any message: {cli:?}\n{}", server.log());
     let cli_started = started_at(cli[0]).expect("CLI start time");
     let cli_age_at_answer = answered_at - cli_started;
-    let reply = chat(&server, &alice, &second, "mock:reply second ok").await;
+    let reply = server.chat(&alice, &second, "mock:reply second ok").await;
     let second_turn = started.elapsed();
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
     assert_eq!(reply.body["text"], "second ok", "{reply:?}");
@@ -737,10 +664,10 @@ async fn conversations_resume_after_a_server_restart_on_postgres() {
     let server = server_with_cli(&mock, ServerConfig::backend(Backend::Postgres)).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "remember the word pineapple").await;
+    let first = server.chat(&alice, &session, "remember the word pineapple").await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}\n{}", server.log());
     assert_eq!(first.body["text"], "echo: remember the word pineapple", "{first:?}");
-    let old_cli = cli_pids(&session);
+    let old_cli = session_process_pids(&session);
 
     let server = server.restart().await;
     assert!(old_cli.iter().all(|pid| !is_alive(*pid)), "the CLI {old_cli:?} outlived the server");
@@ -748,13 +675,13 @@ async fn conversations_resume_after_a_server_restart_on_postgres() {
     assert_eq!(stored.status, StatusCode::OK, "{stored:?}\n{}", server.log());
     assert_eq!(stored.body["message_count"], 1, "{stored:?}");
 
-    let second = chat(&server, &alice, &session, "mock:reply ok").await;
+    let second = server.chat(&alice, &session, "mock:reply ok").await;
     assert_eq!(second.status, StatusCode::OK, "{second:?}\n{}", server.log());
     assert_eq!(second.body["text"], "ok", "{second:?}");
     assert_eq!(second.body["is_error"], false, "{second:?}");
     let last = mock.message_requests().pop().expect("request");
     assert!(last.messages.iter().any(|m| m.text.contains("pineapple")), "the resumed CLI lost the first turn");
-    let cli = cli_pids(&session);
+    let cli = session_process_pids(&session);
     assert_eq!(cli.len(), 1, "{cli:?}");
     assert!(cmdline(cli[0]).windows(2).any(|w| w[0] == "--resume" && w[1] == session), "{:?}", cmdline(cli[0]));
 
@@ -779,9 +706,9 @@ async fn deleting_a_session_kills_its_cli() {
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
     let other = server.session(&alice, json!({})).await;
-    let reply = chat(&server, &alice, &session, "mock:reply hi").await;
+    let reply = server.chat(&alice, &session, "mock:reply hi").await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
-    let cli = cli_pids(&session);
+    let cli = session_process_pids(&session);
     assert_eq!(cli.len(), 1, "one CLI process for the session: {cli:?}");
     let others = wait_for_cli(&other, Duration::from_secs(5)).await;
     assert_eq!(others.len(), 1, "{others:?}");
@@ -797,6 +724,6 @@ async fn deleting_a_session_kills_its_cli() {
     assert!(!is_alive(cli[0]), "the CLI {} still runs {took:?} after the delete\n{}", cli[0], server.log());
     // The user's other session keeps its CLI.
     assert!(is_alive(others[0]), "the other session's CLI died too");
-    let still = chat(&server, &alice, &other, "mock:reply still here").await;
+    let still = server.chat(&alice, &other, "mock:reply still here").await;
     assert_eq!(still.body["text"], "still here", "{still:?}");
 }

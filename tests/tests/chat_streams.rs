@@ -4,26 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{Reply, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids};
+use integration_tests::{
+    Reply, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids, wait_for_model_request,
+};
 use mock_model::{MockModel, MockServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
-    server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
-}
-
-/// Opens `POST /api/v1/chat/stream`.
-async fn start_stream(server: &TestServer, token: &str, session: &str, message: &str) -> reqwest::Response {
-    let response = server
-        .request(Method::POST, "/api/v1/chat/stream", Some(token))
-        .json(&json!({"session_id": session, "message": message}))
-        .send()
-        .await
-        .expect("stream");
-    assert_eq!(response.status(), StatusCode::OK);
-    response
-}
 
 /// Opens `GET /api/v1/sessions/{id}/stream`, with `Last-Event-ID` if given.
 async fn reconnect(server: &TestServer, token: &str, session: &str, last_event_id: Option<&str>) -> reqwest::Response {
@@ -69,7 +55,7 @@ async fn a_reconnect_with_last_event_id_loses_nothing_and_duplicates_nothing() {
 
     // The client drops its connection after the third text delta.
     let mut deltas = 0;
-    let first = read_sse(start_stream(&server, &alice, &session, SLOW).await, |e| {
+    let first = read_sse(server.open_stream(&alice, &session, SLOW).await, |e| {
         deltas += usize::from(e.kind() == "text_delta");
         deltas == 3
     })
@@ -116,11 +102,8 @@ async fn a_watcher_without_last_event_id_sees_a_running_sync_turn_from_its_start
         })
     };
     // Let the turn start streaming, then attach.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains(SLOW_TEXT))) {
-        assert!(Instant::now() < deadline, "the turn never reached the model\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reached = wait_for_model_request(&mock, SLOW_TEXT, Duration::from_secs(30)).await;
+    assert!(reached, "the turn never reached the model\n{}", server.log());
     tokio::time::sleep(Duration::from_millis(400)).await;
     let watched = read_sse(reconnect(&server, &alice, &session, None).await, |_| false).await;
     let reply = turn.await.expect("turn");
@@ -141,7 +124,7 @@ async fn frames_dropped_from_a_small_buffer_are_reported_as_a_gap() {
     let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__STREAM_BUFFER_EVENTS", "5")).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let all = read_sse(start_stream(&server, &alice, &session, SLOW).await, |_| false).await;
+    let all = read_sse(server.open_stream(&alice, &session, SLOW).await, |_| false).await;
     assert!(all.len() > 10, "{all:?}");
     let first = all[0].id_number();
     let replay = read_sse(reconnect(&server, &alice, &session, Some(&first.to_string())).await, |_| false).await;
@@ -163,9 +146,9 @@ async fn history_lists_each_turn_in_order_with_pages() {
     let server = start(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    assert_eq!(chat(&server, &alice, &session, "first question").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &session, "first question").await.status, StatusCode::OK);
     let tool = r#"mock:tool Bash {"command": "echo from-the-tool"}"#;
-    assert_eq!(chat(&server, &alice, &session, tool).await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &session, tool).await.status, StatusCode::OK);
 
     let path = format!("/api/v1/sessions/{session}/messages");
     let page = server.get(&path, &alice).await;
@@ -212,7 +195,7 @@ async fn an_idle_cli_is_stopped_and_the_next_message_resumes_it() {
     let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_IDLE_SESSION_TIMEOUT", "2")).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    assert_eq!(chat(&server, &alice, &session, "remember the word walnut").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &session, "remember the word walnut").await.status, StatusCode::OK);
     let pids = session_process_pids(&session);
     assert!(!pids.is_empty(), "no CLI found for the session");
     assert!(wait_gone(&pids, Duration::from_secs(10)).await, "the idle CLI {pids:?} still runs\n{}", server.log());
@@ -220,7 +203,7 @@ async fn an_idle_cli_is_stopped_and_the_next_message_resumes_it() {
     // The session is still open; the next message resumes the conversation.
     let session_state = server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
     assert_eq!(session_state.body["status"], "active");
-    let next = chat(&server, &alice, &session, "mock:reply resumed").await;
+    let next = server.chat(&alice, &session, "mock:reply resumed").await;
     assert_eq!(next.body["text"], "resumed", "{next:?}");
     let last = mock.message_requests().pop().expect("request");
     assert!(last.messages.iter().any(|m| m.text.contains("walnut")), "the resumed CLI lost the first turn");
@@ -232,11 +215,11 @@ async fn the_least_recently_used_warm_cli_makes_room_for_a_new_one() {
     let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS_PER_USER", "2")).await;
     let alice = server.user_with_token("alice").await;
     let first = server.session(&alice, json!({})).await;
-    assert_eq!(chat(&server, &alice, &first, "remember the word hazel").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &first, "remember the word hazel").await.status, StatusCode::OK);
     let second = server.session(&alice, json!({})).await;
-    assert_eq!(chat(&server, &alice, &second, "hello").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &second, "hello").await.status, StatusCode::OK);
     // Use the first again: the second is now the least recently used.
-    assert_eq!(chat(&server, &alice, &first, "hello again").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &first, "hello again").await.status, StatusCode::OK);
     let second_pids = session_process_pids(&second);
     let first_pids = session_process_pids(&first);
     assert!(!second_pids.is_empty() && !first_pids.is_empty());
@@ -244,15 +227,15 @@ async fn the_least_recently_used_warm_cli_makes_room_for_a_new_one() {
     let third = server.session(&alice, json!({})).await;
     assert!(wait_gone(&second_pids, Duration::from_secs(5)).await, "the LRU CLI was not stopped\n{}", server.log());
     assert_eq!(session_process_pids(&first), first_pids, "the recently used CLI was stopped");
-    assert_eq!(chat(&server, &alice, &third, "hi").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &third, "hi").await.status, StatusCode::OK);
 
     // The evicted session still works, and remembers.
-    let resumed = chat(&server, &alice, &second, "mock:reply back").await;
+    let resumed = server.chat(&alice, &second, "mock:reply back").await;
     assert_eq!(resumed.body["text"], "back", "{resumed:?}");
     // Another user has their own cap.
     let bob = server.user_with_token("bob").await;
     let bobs = server.session(&bob, json!({})).await;
-    assert_eq!(chat(&server, &bob, &bobs, "hi").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&bob, &bobs, "hi").await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -270,18 +253,15 @@ async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
             Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("one slot"))) {
-        assert!(Instant::now() < deadline, "the slow turn never reached the model\n{}", server.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reached = wait_for_model_request(&mock, "one slot", Duration::from_secs(30)).await;
+    assert!(reached, "the slow turn never reached the model\n{}", server.log());
     // A turn that cannot get the slot within its timeout: 503.
     let refused =
         server.post("/api/v1/chat", &alice, json!({"session_id": other, "message": "hi", "timeout": 1})).await;
     refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert!(refused.headers.contains_key("retry-after"));
     // One with time to wait runs once the slot is free.
-    let waited = chat(&server, &alice, &other, "mock:reply after the wait").await;
+    let waited = server.chat(&alice, &other, "mock:reply after the wait").await;
     assert_eq!(waited.body["text"], "after the wait", "{waited:?}");
     assert_eq!(slow.await.expect("slow").body["text"], "one slot only here");
 }

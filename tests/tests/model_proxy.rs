@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use integration_tests::{
-    Reply, ServerConfig, TestServer, session_cli_environment, session_model_credential, session_process_pids,
+    ServerConfig, TestServer, session_cli_environment, session_model_credential, session_process_pids,
 };
 use mock_model::{MockModel, MockServer};
 use reqwest::StatusCode;
@@ -17,10 +17,6 @@ const REAL_KEY: &str = "sk-ant-operator-secret-7f3a9c2e5b1d4k8q";
 
 async fn start(mock: &MockServer, config: ServerConfig) -> TestServer {
     TestServer::start_with(config.with_cli(mock).env("ANTHROPIC_API_KEY", REAL_KEY)).await
-}
-
-async fn chat(server: &TestServer, token: &str, session: &str, message: &str) -> Reply {
-    server.post("/api/v1/chat", token, json!({"session_id": session, "message": message, "timeout": 120})).await
 }
 
 /// A small model request sent straight to `base_url` with `credential`.
@@ -65,7 +61,7 @@ async fn the_operators_key_never_reaches_a_sandbox() {
     let session = server.session(&alice, json!({})).await;
     // What a curious agent would try, with its output echoed back by the mock.
     let probe = r#"mock:tool Bash {"command": "env; tr '\\0' '\\n' < /proc/self/environ; for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ 2>/dev/null; tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done; cat ~/.claude.json ~/.claude/*.json 2>/dev/null"}"#;
-    let reply = chat(&server, &alice, &session, probe).await;
+    let reply = server.chat(&alice, &session, probe).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let text = reply.body["text"].as_str().unwrap_or_default();
     assert!(text.contains("ANTHROPIC_BASE_URL="), "the probe did not run: {text}");
@@ -128,9 +124,9 @@ async fn usage_metered_at_the_proxy_equals_what_the_model_reported() {
     let server = start(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    assert_eq!(chat(&server, &alice, &session, "hello").await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &session, "hello").await.status, StatusCode::OK);
     let tool = r#"mock:tool Bash {"command": "echo metered"}"#;
-    assert_eq!(chat(&server, &alice, &session, tool).await.status, StatusCode::OK);
+    assert_eq!(server.chat(&alice, &session, tool).await.status, StatusCode::OK);
 
     let upstream: Vec<[u64; 2]> = mock.message_requests().iter().filter_map(|r| r.usage).collect();
     let (input, output) = upstream.iter().fold((0, 0), |(i, o), u| (i + u[0], o + u[1]));
@@ -165,10 +161,10 @@ async fn a_spent_budget_stops_the_next_model_request_with_a_clear_error() {
     let server = start(&mock, ServerConfig::default().yaml("model_proxy:\n  user_budget_usd: 0.01\n")).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let first = chat(&server, &alice, &session, "hello").await;
+    let first = server.chat(&alice, &session, "hello").await;
     assert_eq!(first.body["is_error"], false, "{first:?}");
     let asked = mock.message_requests().len();
-    let second = chat(&server, &alice, &session, "and again").await;
+    let second = server.chat(&alice, &session, "and again").await;
     assert_eq!(second.status, StatusCode::OK, "{second:?}");
     assert_eq!(second.body["is_error"], true, "{second:?}");
     assert!(second.body["text"].as_str().is_some_and(|t| t.contains("Budget exhausted")), "{second:?}");
@@ -176,7 +172,7 @@ async fn a_spent_budget_stops_the_next_model_request_with_a_clear_error() {
     // Another user has their own budget.
     let bob = server.user_with_token("bob").await;
     let bobs = server.session(&bob, json!({})).await;
-    assert_eq!(chat(&server, &bob, &bobs, "hi").await.body["is_error"], false);
+    assert_eq!(server.chat(&bob, &bobs, "hi").await.body["is_error"], false);
 }
 
 #[tokio::test]

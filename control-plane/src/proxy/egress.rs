@@ -67,19 +67,6 @@ const DRAIN_BYTES: usize = 256 * 1024;
 /// The user name in the proxy URL; the password is the credential.
 const PROXY_USER: &str = "cah";
 const REALM: &str = "claude-agent-http";
-/// Headers that belong to one connection (or that the proxy sets itself),
-/// never forwarded. `Transfer-Encoding` is kept: the body is relayed as is.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "host",
-];
 
 /// Who may go where.
 #[derive(Debug, Clone)]
@@ -573,7 +560,9 @@ impl ProxyRequest {
             .collect();
         for (name, value) in &self.headers {
             let lower = name.to_ascii_lowercase();
-            if HOP_BY_HOP.contains(&lower.as_str()) || listed.contains(&lower) {
+            // `Host` is set from the checked URL; `Transfer-Encoding` is kept:
+            // the body is relayed as is.
+            if super::HOP_BY_HOP.contains(&lower.as_str()) || lower == "host" || listed.contains(&lower) {
                 continue;
             }
             let _ = write!(head, "{name}: {value}\r\n");

@@ -44,26 +44,14 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// again (requests recorded by this server are added as they finish).
 const SPEND_REFRESH: Duration = Duration::from_secs(60);
 const RATE_WINDOW: Duration = Duration::from_secs(60);
-/// Headers that belong to one connection, never forwarded; plus the ones
-/// the proxy sets itself.
-const DROPPED_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    // The sandbox's credential, replaced by the upstream's.
-    "x-api-key",
-    "authorization",
-    // Identity encoding, so the meter can read the body.
-    "accept-encoding",
-];
+/// Headers that belong to one connection: neither proxy forwards them.
+pub(crate) const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade"];
+/// What the model proxy drops besides: what it sets itself, the sandbox's
+/// credential (replaced by the upstream's), and compression (identity, so
+/// the meter can read the body).
+const REPLACED_HEADERS: &[&str] =
+    &["transfer-encoding", "host", "content-length", "x-api-key", "authorization", "accept-encoding"];
 
 /// Whose a credential is.
 #[derive(Debug, Clone)]
@@ -408,7 +396,7 @@ async fn forward(State(proxy): State<Arc<ModelProxy>>, request: Request) -> Resp
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let url = format!("{}{}{query}", proxy.upstream, parts.uri.path());
     let mut headers = parts.headers.clone();
-    for name in DROPPED_HEADERS {
+    for name in HOP_BY_HOP.iter().chain(REPLACED_HEADERS) {
         headers.remove(*name);
     }
     if let Some(key) = &proxy.api_key
@@ -433,7 +421,7 @@ async fn forward(State(proxy): State<Arc<ModelProxy>>, request: Request) -> Resp
     };
     let status = upstream.status();
     let mut response_headers = upstream.headers().clone();
-    for name in DROPPED_HEADERS {
+    for name in HOP_BY_HOP.iter().chain(REPLACED_HEADERS) {
         response_headers.remove(*name);
     }
     let event_stream = response_headers
