@@ -229,14 +229,21 @@ impl Conversation {
     /// client that goes away never leaves its session locked); a turn that
     /// ends without a final frame gets an `error` frame then, so no reader
     /// waits forever. While the session's CLI is being stopped (idle,
-    /// evicted) the turn waits for that instead of being refused.
-    pub async fn begin_turn(self: &Arc<Self>) -> Option<TurnGuard> {
+    /// evicted) or a turn is letting go, this waits instead of refusing;
+    /// with `queue`, it waits that long for a running turn too.
+    pub async fn begin_turn(self: &Arc<Self>, queue: Option<Duration>) -> Option<TurnGuard> {
         let lock = match self.turn.clone().try_lock_owned() {
             Ok(lock) => lock,
-            Err(_) if self.releasing.load(std::sync::atomic::Ordering::SeqCst) => {
-                tokio::time::timeout(STOP_GRACE * 3, self.turn.clone().lock_owned()).await.ok()?
+            Err(_) => {
+                let releasing = self.releasing.load(std::sync::atomic::Ordering::SeqCst);
+                let wait = match (queue, releasing) {
+                    (Some(queue), true) => queue.max(STOP_GRACE * 3),
+                    (Some(queue), false) => queue,
+                    (None, true) => STOP_GRACE * 3,
+                    (None, false) => return None,
+                };
+                tokio::time::timeout(wait, self.turn.clone().lock_owned()).await.ok()?
             }
-            Err(_) => return None,
         };
         self.touch();
         let first_frame = {

@@ -265,3 +265,25 @@ async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
     assert_eq!(waited.body["text"], "after the wait", "{waited:?}");
     assert_eq!(slow.await.expect("slow").body["text"], "one slot only here");
 }
+
+#[tokio::test]
+async fn a_queued_message_waits_for_the_running_turn_instead_of_429() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let send = |message: &str, queue: bool| {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), session.clone());
+        let body = json!({"session_id": session, "message": message, "queue": queue, "timeout": 60});
+        async move { Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await }
+    };
+    let first = tokio::spawn(send("mock:slow 100 10\nmock:reply first of two in order", false));
+    assert!(wait_for_model_request(&mock, "first of two", Duration::from_secs(30)).await, "{}", server.log());
+    // Not queued: refused. Queued: answered after the first.
+    send("hello", false).await.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let second = send("mock:reply second", true).await;
+    let first = first.await.expect("first");
+    assert_eq!(first.body["text"], "first of two in order", "{first:?}");
+    assert_eq!(second.body["text"], "second", "{second:?}");
+}

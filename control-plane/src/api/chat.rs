@@ -50,6 +50,19 @@ pub struct ChatRequest {
     /// interrupted and the request answers 504.
     #[serde(default = "default_timeout")]
     pub timeout: u64,
+    /// `true`: while another turn runs in the session, wait for it (within
+    /// `timeout`) instead of answering 429.
+    #[serde(default)]
+    pub queue: bool,
+}
+
+impl ChatRequest {
+    /// The session's turn: at once, or after the running one when queued.
+    async fn begin_turn(&self, state: &AppState, session: &Session) -> Result<TurnGuard, ApiError> {
+        let conversation = state.conversations.get(session);
+        let wait = self.queue.then(|| Duration::from_secs(self.timeout));
+        conversation.begin_turn(wait).await.ok_or_else(busy)
+    }
 }
 
 impl Validate for ChatRequest {
@@ -208,7 +221,7 @@ pub async fn chat(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Json<ChatResponse>, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
+    let turn = request.begin_turn(&state, &session).await?;
     // A sync turn is streamed to the session's frame log too, so a client can
     // watch it on GET /api/v1/sessions/{id}/stream.
     let outcome = published_turn(&state, &session, turn, &request).await?;
@@ -305,7 +318,7 @@ pub async fn chat_stream(
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
-    let turn = state.conversations.get(&session).begin_turn().await.ok_or_else(busy)?;
+    let turn = request.begin_turn(&state, &session).await?;
     // Subscribed before the turn starts, so the response misses nothing.
     let frames = turn.conversation().clone().frames(turn.first_frame, false);
     // The turn runs on its own task: a client that disconnects does not
