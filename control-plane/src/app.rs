@@ -16,6 +16,7 @@ use crate::auth::{self, Bootstrap};
 use crate::config::SandboxMode;
 use crate::config::{AuthMode, Config};
 use crate::proxy::ModelProxy;
+use crate::proxy::network::Egress;
 use crate::store::{self, Store};
 use crate::userdir::UserDirs;
 use crate::workers::supervisor::Supervisor;
@@ -40,6 +41,8 @@ pub struct Services {
     pub supervisor: Arc<Supervisor>,
     /// The only model endpoint the sandboxes reach.
     pub model_proxy: Arc<ModelProxy>,
+    /// The only way from a sandbox to the web (when `network.egress_proxy`).
+    pub egress: Option<Egress>,
     /// Each session's turn lock, SSE frame log and last use; the server's
     /// chat slots.
     pub conversations: crate::chat::Conversations,
@@ -83,6 +86,7 @@ pub struct App {
     pub state: AppState,
     listener: TcpListener,
     proxy_listener: TcpListener,
+    egress_listener: Option<TcpListener>,
 }
 
 impl App {
@@ -99,11 +103,17 @@ impl App {
         }
         let user_dirs = UserDirs::open(&config.user.base_dir, config.user.auto_create_dir)?;
         let (model_proxy, proxy_listener) = ModelProxy::bind(&config, store.clone()).await?;
+        let (egress, egress_listener) = match Egress::bind(&config.network, model_proxy.clone(), store.clone()).await {
+            Ok(Some((egress, listener))) => (Some(egress), Some(listener)),
+            Ok(None) => (None, None),
+            Err(source) => return Err(StartError::Bind { addr: "network (egress proxy)".into(), source }),
+        };
+        let proxy_ports = [Some(model_proxy.port()), egress.as_ref().map(|e| e.proxy.port())];
         let supervisor = Arc::new(Supervisor::new(
             config.clone(),
             store.clone(),
             user_dirs.base_path().to_path_buf(),
-            vec![model_proxy.port()],
+            proxy_ports.into_iter().flatten().collect(),
         ));
         if supervisor.mode() == SandboxMode::Privileged {
             // Users' uids must traverse the base directory, not list it.
@@ -119,10 +129,11 @@ impl App {
             user_dirs,
             supervisor,
             model_proxy,
+            egress,
             started: Instant::now(),
             admission: tokio::sync::Mutex::new(()),
         }));
-        Ok(Self { state, listener, proxy_listener })
+        Ok(Self { state, listener, proxy_listener, egress_listener })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -139,6 +150,14 @@ impl App {
                 tracing::error!(error = %e, "model proxy stopped");
             }
         });
+        if let (Some(egress), Some(listener)) = (&self.state.egress, self.egress_listener) {
+            let egress = egress.proxy.clone().serve(listener, shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = egress.await {
+                    tracing::error!(error = %e, "egress proxy stopped");
+                }
+            });
+        }
         tasks.spawn(session_reaper(self.state.clone(), shutdown.clone()));
         tasks.spawn(crate::chat::idle_cli_reaper(self.state.clone(), shutdown.clone()));
         let router = crate::api::router(self.state.clone());

@@ -125,8 +125,13 @@ pub async fn bootstrap_admin(store: &dyn Store, configured: Option<&str>) -> Sto
         }
         Some(_) => {}
         None => {
-            let admin =
-                User { user_id: BOOTSTRAP_ADMIN.into(), role: Role::Admin, created_at: store::now(), uid: None };
+            let admin = User {
+                user_id: BOOTSTRAP_ADMIN.into(),
+                role: Role::Admin,
+                created_at: store::now(),
+                uid: None,
+                allowed_domains: None,
+            };
             match store.create_user(&admin).await {
                 Ok(()) | Err(StoreError::Conflict(_)) => {}
                 Err(e) => return Err(e),
@@ -203,7 +208,8 @@ async fn principal_from_header(
     let user = match state.store.get_user(name).await? {
         Some(user) => user,
         None => {
-            let user = User { user_id: name.to_owned(), role, created_at: store::now(), uid: None };
+            let user =
+                User { user_id: name.to_owned(), role, created_at: store::now(), uid: None, allowed_domains: None };
             match state.store.create_user(&user).await {
                 Ok(()) | Err(StoreError::Conflict(_)) => user,
                 Err(e) => return Err(e.into()),

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, broadcast, w
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::config::ApiConfig;
+use crate::config::{ApiConfig, Secret};
 use crate::store::{NewMessage, Session, UsageTotals};
 use crate::workers::sandbox;
 use crate::workers::supervisor::{ProcessEvent, SupervisorError};
@@ -122,7 +122,10 @@ pub enum StreamItem {
     /// Frames from `from` up to (not including) `resumed_at` were dropped
     /// from the buffer (or belong to an earlier run of the server) before
     /// this reader asked for them.
-    Gap { from: u64, resumed_at: u64 },
+    Gap {
+        from: u64,
+        resumed_at: u64,
+    },
 }
 
 /// Bounds of a session's frame log.
@@ -294,43 +297,46 @@ impl Conversation {
     pub fn frames(self: Arc<Self>, from: u64, follow: bool) -> impl futures::Stream<Item = StreamItem> + Send {
         let receiver = self.published.subscribe();
         let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false);
-        futures::stream::unfold(state, move |(conversation, mut receiver, mut from, mut pending, mut done)| async move {
-            loop {
-                if let Some(item) = pending.pop_front() {
-                    return Some((item, (conversation, receiver, from, pending, done)));
-                }
-                if done {
-                    return None;
-                }
-                receiver.borrow_and_update();
-                let (gap, frames, running, closed) = {
-                    let log = conversation.log();
-                    // An id from the future (a client's invention) reads as "now".
-                    from = from.min(log.next_id);
-                    let (gap, frames) = log.read(from);
-                    (gap, frames, log.turn_start.is_some(), log.closed)
-                };
-                if let Some(StreamItem::Gap { resumed_at, .. }) = &gap {
-                    from = *resumed_at;
-                }
-                pending.extend(gap);
-                for frame in frames {
-                    from = frame.id + 1;
-                    let end = frame.terminal && !follow;
-                    pending.push_back(StreamItem::Frame(frame));
-                    if end {
-                        done = true;
-                        break;
+        futures::stream::unfold(
+            state,
+            move |(conversation, mut receiver, mut from, mut pending, mut done)| async move {
+                loop {
+                    if let Some(item) = pending.pop_front() {
+                        return Some((item, (conversation, receiver, from, pending, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    receiver.borrow_and_update();
+                    let (gap, frames, running, closed) = {
+                        let log = conversation.log();
+                        // An id from the future (a client's invention) reads as "now".
+                        from = from.min(log.next_id);
+                        let (gap, frames) = log.read(from);
+                        (gap, frames, log.turn_start.is_some(), log.closed)
+                    };
+                    if let Some(StreamItem::Gap { resumed_at, .. }) = &gap {
+                        from = *resumed_at;
+                    }
+                    pending.extend(gap);
+                    for frame in frames {
+                        from = frame.id + 1;
+                        let end = frame.terminal && !follow;
+                        pending.push_back(StreamItem::Frame(frame));
+                        if end {
+                            done = true;
+                            break;
+                        }
+                    }
+                    if !pending.is_empty() {
+                        continue;
+                    }
+                    if closed || (!running && !follow) || receiver.changed().await.is_err() {
+                        return None;
                     }
                 }
-                if !pending.is_empty() {
-                    continue;
-                }
-                if closed || (!running && !follow) || receiver.changed().await.is_err() {
-                    return None;
-                }
-            }
-        })
+            },
+        )
     }
 }
 
@@ -456,10 +462,7 @@ impl Conversations {
 /// Starts the session's CLI (resuming its conversation when it already had
 /// turns) and sends `initialize`, so the first message finds it warm. Makes
 /// room first when the user or the server is at its cap of warm CLIs.
-pub async fn start_cli(
-    state: &AppState,
-    session: &Session,
-) -> Result<broadcast::Receiver<ProcessEvent>, TurnError> {
+pub async fn start_cli(state: &AppState, session: &Session) -> Result<broadcast::Receiver<ProcessEvent>, TurnError> {
     let _admission = state.conversations.warm_admission.lock().await;
     // Idempotent: a concurrent start (a resume racing a message) already did it.
     if let Some(events) = state.supervisor.subscribe(&session.user_id, &session.session_id).await {
@@ -479,9 +482,12 @@ pub async fn start_cli(
     let credential = state.model_proxy.issue(&session.user_id, &session.session_id);
     let model = sandbox::ModelEndpoint {
         base_url: state.model_proxy.base_url(),
-        egress_proxy: None, // EGRESS-WIRING
+        egress_proxy: state.egress.as_ref().map(|egress| Secret::new(egress.proxy.proxy_url(credential.expose()))),
         credential,
     };
+    if let Some(egress) = &state.egress {
+        egress.load_user(state.store.as_ref(), &session.user_id).await;
+    }
     let spec = sandbox::cli_spec(&state.config, session, &user_dir, privileged, resume, &model);
     let events = match state.supervisor.start_process(&session.user_id, &session.session_id, spec).await {
         Ok(events) => events,
@@ -495,7 +501,8 @@ pub async fn start_cli(
     tokio::spawn(async move {
         loop {
             match watch.recv().await {
-                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied) | Err(broadcast::error::RecvError::Closed) => {
+                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied)
+                | Err(broadcast::error::RecvError::Closed) => {
                     break;
                 }
                 _ => {}
@@ -553,7 +560,8 @@ pub async fn stop_and_wait(state: &AppState, user_id: &str, session_id: &str) {
     let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), async {
         loop {
             match events.recv().await {
-                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied) | Err(broadcast::error::RecvError::Closed) => {
+                Ok(ProcessEvent::Exited { .. } | ProcessEvent::WorkerDied)
+                | Err(broadcast::error::RecvError::Closed) => {
                     return;
                 }
                 _ => {}
@@ -628,9 +636,11 @@ pub async fn run_turn(
     let mut history = vec![NewMessage { kind: "user".into(), content: own }];
     let result = read_turn(state, session, &mut events, &mut deadline, timeout, &mut history, &mut on_message).await;
     if let Err(error) = &result {
-        history.push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
+        history
+            .push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
     }
     let now = crate::store::now();
+    let store_started = std::time::Instant::now();
     if let Err(e) = state.store.append_messages(id, now, &history).await {
         tracing::warn!(session_id = %id, error = %e, "cannot store the turn's messages");
     }
@@ -639,6 +649,7 @@ pub async fn run_turn(
     {
         tracing::warn!(session_id = %id, error = %e, "cannot record the turn");
     }
+    tracing::debug!(session_id = %id, micros = store_started.elapsed().as_micros() as u64, "turn stored");
     result
 }
 

@@ -131,7 +131,8 @@ async fn users(command: UsersCommand, store: &dyn Store) -> anyhow::Result<()> {
         UsersCommand::Add { user_id, admin } => {
             shared::names::validate_user_id(&user_id).map_err(|e| anyhow::anyhow!("user_id: {e}"))?;
             let role = if admin { Role::Admin } else { Role::User };
-            let user = User { user_id: user_id.clone(), role, created_at: store::now(), uid: None };
+            let user =
+                User { user_id: user_id.clone(), role, created_at: store::now(), uid: None, allowed_domains: None };
             match store.create_user(&user).await {
                 Err(StoreError::Conflict(_)) => anyhow::bail!("user {user_id} already exists"),
                 other => other?,

@@ -173,7 +173,8 @@ pub struct ModelProxyConfig {
 
 impl Default for ModelProxyConfig {
     fn default() -> Self {
-        let price = |input: f64, output: f64| ModelPrice { input, output, cache_read: input / 10.0, cache_write: input * 1.25 };
+        let price =
+            |input: f64, output: f64| ModelPrice { input, output, cache_read: input / 10.0, cache_write: input * 1.25 };
         Self {
             host: "127.0.0.1".into(),
             port: 0,
@@ -562,7 +563,6 @@ impl SandboxConfig {
     }
 }
 
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -714,13 +714,19 @@ impl Config {
         if !self.model_proxy.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
             return Err(ConfigError::invalid(
                 "model_proxy.host",
-                format!("{:?} is not a loopback address; the proxy must not be reachable from outside", self.model_proxy.host),
+                format!(
+                    "{:?} is not a loopback address; the proxy must not be reachable from outside",
+                    self.model_proxy.host
+                ),
             ));
         }
         if !self.network.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
             return Err(ConfigError::invalid(
                 "network.host",
-                format!("{:?} is not a loopback address; the egress proxy must not be reachable from outside", self.network.host),
+                format!(
+                    "{:?} is not a loopback address; the egress proxy must not be reachable from outside",
+                    self.network.host
+                ),
             ));
         }
         for (host, addr) in &self.network.resolve_overrides {
@@ -737,8 +743,14 @@ impl Config {
             return Err(ConfigError::invalid("model_proxy.user_budget_usd", "must be a number >= 0 (or null)"));
         }
         for (model, price) in &self.model_proxy.prices {
-            if [price.input, price.output, price.cache_read, price.cache_write].iter().any(|p| !(p.is_finite() && *p >= 0.0)) {
-                return Err(ConfigError::invalid("model_proxy.prices", format!("{model}: prices must be numbers >= 0")));
+            if [price.input, price.output, price.cache_read, price.cache_write]
+                .iter()
+                .any(|p| !(p.is_finite() && *p >= 0.0))
+            {
+                return Err(ConfigError::invalid(
+                    "model_proxy.prices",
+                    format!("{model}: prices must be numbers >= 0"),
+                ));
             }
         }
         if self.api.stream_buffer_bytes < 4096 {

@@ -17,8 +17,9 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use control_plane::config::{Secret, StorageKind, StoreLocation};
 use control_plane::store::{
-    self, ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Role, Session, SessionCursor, SessionOptions,
-    SessionQuery, SessionStatus, Store, StoreError, StoreResult, StoredMessage, UsageTotals, User,
+    self, ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, NewMessage, Role, Session,
+    SessionCursor, SessionOptions, SessionQuery, SessionStatus, Store, StoreError, StoreResult, StoredMessage,
+    UsageTotals, User,
 };
 use serde_json::{Map, Value, json};
 
@@ -178,6 +179,14 @@ conformance!(
     model_requests_survive_session_deletion,
     delete_user_removes_model_requests,
     concurrent_model_requests,
+    user_allowed_domains_roundtrip,
+    set_allowed_domains_of_unknown_user,
+    egress_event_roundtrip,
+    egress_event_with_nul_is_rejected,
+    duplicate_egress_event_conflicts,
+    egress_events_list_filters,
+    egress_events_pagination,
+    delete_user_removes_egress_events,
 );
 
 // ---------------------------------------------------------------------------
@@ -195,7 +204,7 @@ fn micros(n: i64) -> TimeDelta {
 }
 
 fn user(user_id: &str, role: Role, created_at: DateTime<Utc>, uid: Option<i64>) -> User {
-    User { user_id: user_id.to_owned(), role, created_at, uid }
+    User { user_id: user_id.to_owned(), role, created_at, uid, allowed_domains: None }
 }
 
 fn token(token_id: &str, user_id: &str, hash: &str, label: Option<&str>, created_at: DateTime<Utc>) -> ApiToken {
@@ -418,6 +427,97 @@ async fn walk_requests(
         all.extend(page);
     }
     panic!("model request pagination did not terminate (user {user_id:?}, session {session_id:?}, limit {limit})");
+}
+
+fn domains(list: &[&str]) -> Vec<String> {
+    list.iter().map(|d| (*d).to_owned()).collect()
+}
+
+/// A `CONNECT` the egress proxy let through.
+fn egress_event(event_id: &str, user_id: &str, session_id: &str, at: DateTime<Utc>) -> EgressEvent {
+    EgressEvent {
+        event_id: event_id.to_owned(),
+        user_id: user_id.to_owned(),
+        session_id: session_id.to_owned(),
+        at,
+        method: "CONNECT".into(),
+        host: "pypi.org".into(),
+        port: 443,
+        allowed: true,
+        reason: None,
+    }
+}
+
+/// The same, refused.
+fn refused_event(event_id: &str, user_id: &str, session_id: &str, at: DateTime<Utc>) -> EgressEvent {
+    EgressEvent {
+        host: "evil.example".into(),
+        allowed: false,
+        reason: Some("evil.example is not on the allow-list".into()),
+        ..egress_event(event_id, user_id, session_id, at)
+    }
+}
+
+fn events_query(
+    user_id: Option<&str>,
+    session_id: Option<&str>,
+    allowed: Option<bool>,
+    limit: u32,
+) -> EgressEventQuery {
+    EgressEventQuery {
+        user_id: user_id.map(str::to_owned),
+        session_id: session_id.map(str::to_owned),
+        allowed,
+        before: None,
+        limit,
+    }
+}
+
+fn event_ids(events: &[EgressEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event_id.as_str()).collect()
+}
+
+async fn record_events(store: &dyn Store, events: &[EgressEvent]) {
+    for e in events {
+        store.record_egress_event(e).await.unwrap_or_else(|err| panic!("record egress event {}: {err}", e.event_id));
+    }
+}
+
+async fn list_events(
+    store: &dyn Store,
+    user_id: Option<&str>,
+    session_id: Option<&str>,
+    allowed: Option<bool>,
+) -> Vec<EgressEvent> {
+    store.list_egress_events(&events_query(user_id, session_id, allowed, u32::MAX)).await.expect("list egress events")
+}
+
+/// The reference listing: the matching events, newest first by
+/// `(at, event_id)`.
+fn expected_events<'a>(
+    all: impl IntoIterator<Item = &'a EgressEvent>,
+    keep: impl Fn(&EgressEvent) -> bool,
+) -> Vec<EgressEvent> {
+    let mut found: Vec<EgressEvent> = all.into_iter().filter(|e| keep(e)).cloned().collect();
+    found.sort_by(|a, b| (b.at, &b.event_id).cmp(&(a.at, &a.event_id)));
+    found
+}
+
+/// Follows `before` cursors page by page until an empty page.
+async fn walk_events(store: &dyn Store, user_id: Option<&str>, allowed: Option<bool>, limit: u32) -> Vec<EgressEvent> {
+    let mut all = Vec::new();
+    let mut before = None;
+    for _ in 0..1000 {
+        let query = EgressEventQuery { before: before.clone(), ..events_query(user_id, None, allowed, limit) };
+        let page = store.list_egress_events(&query).await.expect("list egress events page");
+        assert!(page.len() <= limit as usize, "page of {} rows exceeds limit {limit}", page.len());
+        let Some(last) = page.last() else {
+            return all;
+        };
+        before = Some((last.at, last.event_id.clone()));
+        all.extend(page);
+    }
+    panic!("egress event pagination did not terminate (user {user_id:?}, allowed {allowed:?}, limit {limit})");
 }
 
 // ---------------------------------------------------------------------------
@@ -1969,5 +2069,335 @@ mod cases {
             }
             assert_eq!(store.model_usage_by_session(user).await.expect("by session"), by_session, "{user}");
         }
+    }
+
+    pub async fn user_allowed_domains_roundtrip(store: &dyn Store) {
+        let t = base();
+        let listed = domains(&["example.com", "*.pypi.org", ".npmjs.org", "*"]);
+        // Stored as given: the API validates, the store keeps any text.
+        let odd = domains(&["", "ünïcödé.example", "quote\"back\\slash", "nul\u{0}inside", "x".repeat(300).as_str()]);
+        let alice = User { allowed_domains: Some(listed.clone()), ..user("alice", Role::User, t, None) };
+        let bob = user("bob", Role::Admin, t + micros(1), Some(1001));
+        let carol = User { allowed_domains: Some(Vec::new()), ..user("carol", Role::User, t, None) };
+        for u in [&alice, &bob, &carol] {
+            store.create_user(u).await.unwrap_or_else(|e| panic!("create {}: {e}", u.user_id));
+        }
+        // Created with a list (an empty list is not the global one).
+        for u in [&alice, &bob, &carol] {
+            assert_eq!(store.get_user(&u.user_id).await.expect("get").as_ref(), Some(u));
+        }
+        assert_eq!(store.list_users().await.expect("list"), vec![alice.clone(), bob.clone(), carol.clone()]);
+
+        let get = async |user_id: &str| store.get_user(user_id).await.expect("get").expect("user exists");
+        assert!(store.set_user_allowed_domains("bob", Some(&listed)).await.expect("set"));
+        assert_eq!(get("bob").await, User { allowed_domains: Some(listed.clone()), ..bob.clone() });
+        assert!(store.set_user_allowed_domains("bob", Some(&odd)).await.expect("set odd"));
+        assert_eq!(get("bob").await.allowed_domains.as_ref(), Some(&odd));
+        assert!(store.set_user_allowed_domains("bob", Some(&[])).await.expect("set empty"));
+        assert_eq!(get("bob").await.allowed_domains, Some(Vec::new()));
+        // Back to the global list; setting it twice is fine.
+        for _ in 0..2 {
+            assert!(store.set_user_allowed_domains("bob", None).await.expect("reset"));
+            assert_eq!(get("bob").await, bob);
+        }
+        // Only that user changes.
+        assert_eq!(get("alice").await, alice);
+        assert_eq!(get("carol").await, carol);
+        assert!(store.set_user_allowed_domains("alice", None).await.expect("reset alice"));
+        assert_eq!(get("alice").await.allowed_domains, None);
+
+        // Other updates keep the list, and authentication returns it.
+        assert!(store.set_user_allowed_domains("bob", Some(&listed)).await.expect("set"));
+        assert_eq!(store.assign_uid("bob", (1000, 2000)).await.expect("assign"), Some(1001));
+        store.create_token(&token("tok-1", "bob", "hash-1", None, t)).await.expect("create token");
+        let (_, authenticated) =
+            store.authenticate_token("hash-1", t + micros(5)).await.expect("authenticate").expect("live token");
+        assert_eq!(authenticated.allowed_domains.as_ref(), Some(&listed));
+
+        // A deleted user's list goes with them.
+        assert!(store.delete_user("bob").await.expect("delete"));
+        store.create_user(&user("bob", Role::User, t, None)).await.expect("recreate");
+        assert_eq!(get("bob").await.allowed_domains, None);
+
+        // The serialised form always has the field; JSON without it reads
+        // as the global list.
+        let json = serde_json::to_value(&bob).expect("serialise");
+        assert_eq!(json["allowed_domains"], Value::Null);
+        let mut old = serde_json::to_value(&alice).expect("serialise");
+        assert_eq!(old["allowed_domains"], json!(listed));
+        old.as_object_mut().expect("object").remove("allowed_domains");
+        let read: User = serde_json::from_value(old).expect("deserialise without allowed_domains");
+        assert_eq!(read, User { allowed_domains: None, ..alice.clone() });
+    }
+
+    pub async fn set_allowed_domains_of_unknown_user(store: &dyn Store) {
+        let list = domains(&["example.com"]);
+        assert!(!store.set_user_allowed_domains("alice", Some(&list)).await.expect("set unknown"));
+        assert!(!store.set_user_allowed_domains("alice", None).await.expect("reset unknown"));
+        assert_eq!(store.get_user("alice").await.expect("get"), None);
+        assert_eq!(store.count_users().await.expect("count"), 0);
+        // Ids are exact: neither case nor a prefix matches.
+        create_users(store, &["alice"]).await;
+        for other in ["ALICE", "alic", "alice ", "alice%", ""] {
+            assert!(!store.set_user_allowed_domains(other, Some(&list)).await.expect("set other"), "{other:?}");
+        }
+        assert_eq!(store.get_user("alice").await.expect("get").expect("alice").allowed_domains, None);
+        assert!(!store.delete_user("ghost").await.expect("delete unknown"));
+        assert!(!store.set_user_allowed_domains("ghost", Some(&list)).await.expect("set unknown"));
+    }
+
+    pub async fn egress_event_roundtrip(store: &dyn Store) {
+        let t = base();
+        let full = EgressEvent {
+            event_id: "0f1d5c9e-2b7a-4e3f-9c1d-8a6b4e2f1c30".into(),
+            user_id: "alice".into(),
+            session_id: "5d0f6f3e-8f0b-4b8e-9d6c-2f1a7c3e9b10".into(),
+            // Stored at microsecond precision: nanoseconds are truncated.
+            at: t + TimeDelta::nanoseconds(123_456_789),
+            method: "GET".into(),
+            host: "ünïcödé.example".into(),
+            port: 65_535,
+            allowed: true,
+            reason: Some("upstream unreachable: connection refused — \"try later\"".into()),
+        };
+        let refused = EgressEvent {
+            host: "2001:db8::1".into(),
+            port: 0,
+            ..refused_event("e-refused", "alice", "a session id with spaces", t - TimeDelta::days(400) + micros(1))
+        };
+        let empty = EgressEvent {
+            method: String::new(),
+            host: String::new(),
+            port: i32::MAX,
+            reason: Some(String::new()),
+            ..egress_event("e-empty", "bob", "", t + TimeDelta::milliseconds(5))
+        };
+        record_events(store, &[full.clone(), refused.clone(), empty.clone()]).await;
+
+        let full_stored = EgressEvent { at: t + micros(123_456), ..full.clone() };
+        assert_eq!(
+            list_events(store, None, None, None).await,
+            vec![full_stored.clone(), empty.clone(), refused.clone()]
+        );
+        assert_eq!(list_events(store, Some("alice"), Some(&full.session_id), None).await, vec![full_stored.clone()]);
+        assert_eq!(list_events(store, None, Some("a session id with spaces"), None).await, vec![refused.clone()]);
+        assert_eq!(list_events(store, Some("bob"), Some(""), Some(true)).await, vec![empty]);
+        assert_eq!(list_events(store, None, None, Some(false)).await, vec![refused]);
+
+        // The serialised form has every field.
+        let json = serde_json::to_value(&full_stored).expect("serialise");
+        assert_eq!(json["allowed"], json!(true));
+        assert_eq!(json["port"], json!(65_535));
+        assert_eq!(serde_json::from_value::<EgressEvent>(json).expect("deserialise"), full_stored);
+    }
+
+    pub async fn egress_event_with_nul_is_rejected(store: &dyn Store) {
+        let t = base();
+        let good = egress_event("e-1", "alice", "s-1", t);
+        let bad = [
+            EgressEvent { host: "pypi.org\u{0}".into(), ..good.clone() },
+            EgressEvent { reason: Some("\u{0}".into()), ..good.clone() },
+            EgressEvent { method: "CON\u{0}NECT".into(), ..good.clone() },
+            EgressEvent { session_id: "s-1\u{0}".into(), ..good.clone() },
+            EgressEvent { user_id: "\u{0}alice".into(), ..good.clone() },
+            EgressEvent { event_id: "e-1\u{0}".into(), ..good.clone() },
+        ];
+        for event in &bad {
+            match store.record_egress_event(event).await {
+                Err(StoreError::Internal(_)) => {}
+                other => panic!("recording {event:?}: expected StoreError::Internal, got {other:?}"),
+            }
+        }
+        assert!(list_events(store, None, None, None).await.is_empty(), "a rejected event was recorded");
+        store.record_egress_event(&good).await.expect("record");
+        assert_eq!(list_events(store, None, None, None).await, vec![good]);
+    }
+
+    pub async fn duplicate_egress_event_conflicts(store: &dyn Store) {
+        let t = base();
+        let original = egress_event("e-1", "alice", "s-1", t);
+        store.record_egress_event(&original).await.expect("record");
+        let clash = refused_event("e-1", "bob", "s-2", t + TimeDelta::seconds(1));
+        assert_conflict(store.record_egress_event(&clash).await, "second egress event with the same id");
+        assert_conflict(store.record_egress_event(&original).await, "the same egress event twice");
+        assert_eq!(list_events(store, None, None, None).await, vec![original.clone()]);
+        // Ids are case-sensitive, and independent of model request ids.
+        store
+            .record_egress_event(&egress_event("E-1", "alice", "s-1", t))
+            .await
+            .expect("record an id differing by case");
+        store.record_model_request(&model_request("e-1", "alice", "s-1", t)).await.expect("record a model request");
+        assert_eq!(event_ids(&list_events(store, None, None, None).await), ["e-1", "E-1"]);
+    }
+
+    pub async fn egress_events_list_filters(store: &dyn Store) {
+        let t = base();
+        let events = [
+            egress_event("e-1", "alice", "a-1", t + TimeDelta::seconds(1)),
+            refused_event("e-2", "alice", "a-2", t + TimeDelta::seconds(2)),
+            egress_event("e-3", "alice", "a-1", t + TimeDelta::seconds(3)),
+            refused_event("e-4", "bob", "b-1", t + TimeDelta::seconds(4)),
+            // Another user's event in alice's session (shared id space).
+            egress_event("e-5", "bob", "a-1", t + TimeDelta::seconds(5)),
+            refused_event("e-6", "alice", "a-1", t),
+            // Ids differing from the filters by case, prefix and suffix.
+            egress_event("e-7", "Alice", "A-1", t + micros(7)),
+            refused_event("e-8", "alice-2", "a-1 ", t + micros(8)),
+            // Same `at`: ordered by id, bytewise, descending.
+            egress_event("e-b", "alice", "a-2", t + micros(9)),
+            refused_event("e-B", "alice", "a-2", t + micros(9)),
+            egress_event("e-a", "alice", "a-2", t + micros(9)),
+        ];
+        // Recorded out of order.
+        for i in [4, 9, 0, 10, 2, 6, 8, 1, 5, 3, 7] {
+            store.record_egress_event(&events[i]).await.expect("record");
+        }
+
+        let check = async |user: Option<&str>, session: Option<&str>, allowed: Option<bool>| {
+            let want = expected_events(&events, |e| {
+                user.is_none_or(|u| e.user_id == u)
+                    && session.is_none_or(|x| e.session_id == x)
+                    && allowed.is_none_or(|a| e.allowed == a)
+            });
+            let got = list_events(store, user, session, allowed).await;
+            assert_eq!(event_ids(&got), event_ids(&want), "user {user:?}, session {session:?}, allowed {allowed:?}");
+            assert_eq!(got, want);
+            for limit in [0_u32, 1, 2] {
+                let page = store
+                    .list_egress_events(&events_query(user, session, allowed, limit))
+                    .await
+                    .expect("list with a limit");
+                assert_eq!(page, want[..want.len().min(limit as usize)], "user {user:?}, session {session:?}");
+            }
+            want.len()
+        };
+        assert_eq!(check(None, None, None).await, events.len());
+        assert_eq!(check(None, None, Some(true)).await, 6);
+        assert_eq!(check(None, None, Some(false)).await, 5);
+        assert_eq!(check(Some("alice"), None, None).await, 7);
+        assert_eq!(check(Some("alice"), None, Some(false)).await, 3);
+        assert_eq!(check(Some("bob"), None, Some(true)).await, 1);
+        assert_eq!(check(None, Some("a-1"), None).await, 4);
+        assert_eq!(check(None, Some("a-1"), Some(false)).await, 1);
+        assert_eq!(check(Some("alice"), Some("a-1"), Some(true)).await, 2);
+        assert_eq!(check(Some("alice"), Some("a-2"), None).await, 4);
+        assert_eq!(check(Some("bob"), Some("a-2"), None).await, 0);
+        for (user, session) in [(Some("ALICE"), None), (Some("alice "), None), (None, Some("a-")), (None, Some("a-1%"))]
+        {
+            assert_eq!(check(user, session, None).await, 0, "user {user:?}, session {session:?}");
+        }
+        assert_eq!(
+            event_ids(&list_events(store, Some("alice"), Some("a-2"), None).await),
+            ["e-2", "e-b", "e-a", "e-B"]
+        );
+        // Model requests are another log.
+        assert!(list_requests(store, None, None).await.is_empty());
+    }
+
+    pub async fn egress_events_pagination(store: &dyn Store) {
+        let t = base();
+        let users = ["alice", "bob"];
+        // Several rows share each `at`; ids are not in time order.
+        let events: Vec<EgressEvent> = (0..30_i64)
+            .map(|i| {
+                let at = match i % 5 {
+                    0 => t,
+                    1 => t + micros(1),
+                    2 => t + TimeDelta::milliseconds(1),
+                    3 => t + TimeDelta::seconds(1) + micros(999_999),
+                    _ => t - TimeDelta::days(1),
+                };
+                let id = format!("ev-{:02}", (i * 7) % 30);
+                let user = users[(i % 2) as usize];
+                if i % 3 == 0 { refused_event(&id, user, "s-1", at) } else { egress_event(&id, user, "s-1", at) }
+            })
+            .collect();
+        record_events(store, &events).await;
+
+        for user in [None, Some("alice"), Some("bob")] {
+            for allowed in [None, Some(true), Some(false)] {
+                let want = expected_events(&events, |e| {
+                    user.is_none_or(|u| e.user_id == u) && allowed.is_none_or(|a| e.allowed == a)
+                });
+                assert!(!want.is_empty());
+                for limit in [1_u32, 2, 3, 4, 7, 29, 30, 31] {
+                    let walked = walk_events(store, user, allowed, limit).await;
+                    assert_eq!(
+                        event_ids(&walked),
+                        event_ids(&want),
+                        "user {user:?}, allowed {allowed:?}, pages of {limit}"
+                    );
+                }
+            }
+        }
+
+        // `before` is exclusive on (at, event_id), and a cursor finer than
+        // microseconds means the same on every backend.
+        let cursors = [
+            (t + micros(1), "ev-10".to_owned()),
+            (t + micros(1), String::new()),
+            (t + micros(1), "~".to_owned()),
+            (t + micros(1) + TimeDelta::nanoseconds(1), String::new()),
+            (t + micros(1) - TimeDelta::nanoseconds(1), "~".to_owned()),
+            (t + TimeDelta::nanoseconds(999), "ev-00".to_owned()),
+            (t - TimeDelta::days(2), "~".to_owned()),
+            (t + TimeDelta::days(1), String::new()),
+        ];
+        for before in cursors {
+            for (user, allowed) in [(None, None), (Some("bob"), None), (None, Some(false)), (Some("alice"), Some(true))]
+            {
+                let want = expected_events(&events, |e| {
+                    user.is_none_or(|u| e.user_id == u)
+                        && allowed.is_none_or(|a| e.allowed == a)
+                        && (e.at < before.0 || (e.at == before.0 && e.event_id < before.1))
+                });
+                let query = EgressEventQuery { before: Some(before.clone()), ..events_query(user, None, allowed, 100) };
+                let got = store.list_egress_events(&query).await.expect("list before");
+                assert_eq!(event_ids(&got), event_ids(&want), "before {before:?}, user {user:?}, allowed {allowed:?}");
+            }
+        }
+    }
+
+    pub async fn delete_user_removes_egress_events(store: &dyn Store) {
+        let t = base();
+        create_users(store, &["alice", "bob"]).await;
+        create_sessions(
+            store,
+            &[session("a-1", "alice", t, SessionStatus::Active), session("b-1", "bob", t, SessionStatus::Active)],
+        )
+        .await;
+        let alice = [
+            egress_event("a-e1", "alice", "a-1", t),
+            refused_event("a-e2", "alice", "a-1", t + micros(1)),
+            egress_event("a-e3", "alice", "b-1", t + micros(2)),
+        ];
+        let others = [
+            egress_event("b-e1", "bob", "b-1", t),
+            refused_event("b-e2", "bob", "a-1", t + micros(3)),
+            // Not users: recorded all the same, and not alice's.
+            egress_event("c-e1", "carol", "c-1", t),
+            egress_event("x-e1", "Alice", "a-1", t),
+            refused_event("x-e2", "alice-2", "a-1", t),
+        ];
+        record_events(store, &alice).await;
+        record_events(store, &others).await;
+        // Deleting a session keeps its events.
+        assert!(store.set_session_status("a-1", SessionStatus::Deleted, t).await.expect("delete session"));
+        assert_eq!(list_events(store, None, Some("a-1"), None).await.len(), 5);
+
+        assert!(store.delete_user("alice").await.expect("delete alice"));
+        assert!(list_events(store, Some("alice"), None, None).await.is_empty(), "a deleted user's events linger");
+        assert_eq!(list_events(store, None, None, None).await, expected_events(&others, |_| true));
+
+        // An unknown user changes nothing, even with recorded events.
+        assert!(!store.delete_user("carol").await.expect("delete unknown"));
+        assert_eq!(list_events(store, Some("carol"), None, None).await, vec![others[2].clone()]);
+
+        // The id can be reused: the new alice starts with no events, and her
+        // old event ids are free again.
+        create_users(store, &["alice"]).await;
+        assert!(list_events(store, Some("alice"), None, None).await.is_empty());
+        record_events(store, &alice[..1]).await;
+        assert_eq!(list_events(store, Some("alice"), None, None).await, vec![alice[0].clone()]);
     }
 }

@@ -534,9 +534,8 @@ pub fn session_process_pids(session_id: &str) -> Vec<u32> {
         .filter(|pid| {
             let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.windows(2).any(|pair| {
-                (pair[0] == b"--session-id" || pair[0] == b"--resume") && pair[1] == session_id.as_bytes()
-            })
+            args.windows(2)
+                .any(|pair| (pair[0] == b"--session-id" || pair[0] == b"--resume") && pair[1] == session_id.as_bytes())
         })
         .collect()
 }
@@ -550,9 +549,7 @@ pub async fn session_cli_environment(session_id: &str) -> Vec<(String, String)> 
         {
             return raw
                 .split(|b| *b == 0)
-                .filter_map(|kv| {
-                    String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))
-                })
+                .filter_map(|kv| String::from_utf8_lossy(kv).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
                 .collect();
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -63,12 +63,9 @@ async fn tools_run_inside_the_users_directory_only() {
     std::fs::write(&secret, "bob's secret").expect("secret");
     let session = server.session(&alice, json!({"subdir": "work"})).await;
 
-    let bash = server.chat(
-        &alice,
-        &session,
-        r#"mock:tool Bash {"command": "echo made-by-bash > made.txt && cat made.txt"}"#,
-    )
-    .await;
+    let bash = server
+        .chat(&alice, &session, r#"mock:tool Bash {"command": "echo made-by-bash > made.txt && cat made.txt"}"#)
+        .await;
     assert_eq!(bash.status, StatusCode::OK, "{bash:?}");
     assert_eq!(bash.body["tool_calls"][0]["tool"], "Bash", "{bash:?}");
     assert!(bash.body["text"].as_str().unwrap_or("").contains("made-by-bash"), "{bash:?}");

@@ -75,7 +75,8 @@ async fn a_reconnect_with_last_event_id_loses_nothing_and_duplicates_nothing() {
     for (i, event) in all.iter().enumerate() {
         assert_eq!(event.id_number(), base + i as u64, "lost or repeated frames: {all:?}");
     }
-    let text: String = all.iter().filter(|e| e.kind() == "text_delta").filter_map(|e| e.data["text"].as_str()).collect();
+    let text: String =
+        all.iter().filter(|e| e.kind() == "text_delta").filter_map(|e| e.data["text"].as_str()).collect();
     assert_eq!(text, SLOW_TEXT);
 
     // The turn is over and the client has everything: a reconnect ends at once.
@@ -184,7 +185,10 @@ async fn history_lists_each_turn_in_order_with_pages() {
 
     let bob = server.user_with_token("bob").await;
     server.get(&path, &bob).await.assert_error(StatusCode::NOT_FOUND, "not_found");
-    server.get(&format!("{path}?limit=0"), &alice).await.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
+    server
+        .get(&format!("{path}?limit=0"), &alice)
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_error");
     assert_eq!(server.delete(&format!("/api/v1/sessions/{session}"), &alice).await.status, StatusCode::NO_CONTENT);
     server.get(&path, &alice).await.assert_error(StatusCode::NOT_FOUND, "not_found");
 }

@@ -133,7 +133,8 @@ async fn usage_metered_at_the_proxy_equals_what_the_model_reported() {
     // Audit rows are written just after each response ends.
     let mut rows = Vec::new();
     for _ in 0..50 {
-        let audit = server.get(&format!("/api/v1/audit/model-requests?session_id={session}"), &server.admin_token).await;
+        let audit =
+            server.get(&format!("/api/v1/audit/model-requests?session_id={session}"), &server.admin_token).await;
         rows = audit.body["items"].as_array().expect("items").clone();
         if rows.len() >= upstream.len() {
             break;

@@ -47,19 +47,21 @@ async fn openapi_describes_every_route_and_docs_work_offline() {
         ("/api/v1/chat/stream", "post"),
         ("/api/v1/usage", "get"),
         ("/api/v1/audit/model-requests", "get"),
+        ("/api/v1/audit/egress", "get"),
         ("/api/v1/users", "post"),
         ("/api/v1/users", "get"),
         ("/api/v1/users/{user_id}", "get"),
         ("/api/v1/users/{user_id}", "delete"),
         ("/api/v1/users/{user_id}/tokens", "post"),
         ("/api/v1/users/{user_id}/tokens", "get"),
+        ("/api/v1/users/{user_id}/allowed-domains", "put"),
         ("/api/v1/tokens/{token_id}", "delete"),
         ("/api/v1/me", "get"),
     ];
     for (path, method) in expected {
         assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from the spec");
     }
-    assert_eq!(paths.len(), 17, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 19, "a route the test does not know: {:?}", paths.keys().collect::<Vec<_>>());
     assert!(spec.body["components"]["securitySchemes"]["bearer"].is_object());
 
     // Swagger UI is served from the binary: the page and its assets, no CDN.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router, middleware};
 use serde::Serialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -41,7 +41,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         sessions::create_session, sessions::list_sessions, sessions::get_session,
         sessions::delete_session, sessions::resume_session,
         chat::chat, chat::chat_stream, chat::session_stream, chat::messages, chat::interrupt, chat::usage, audit::model_requests,
+        audit::egress,
         users::create_user, users::list_users, users::get_user, users::delete_user, users::me,
+        users::set_allowed_domains,
         users::create_token, users::list_tokens, users::delete_token,
     ),
     components(schemas(ErrorBody, error::FieldError, sessions::SessionPage)),
@@ -50,7 +52,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         (name = "sessions", description = "Sessions of the Claude CLI"),
         (name = "chat", description = "Chat turns, sync and streamed"),
         (name = "users", description = "Users and API tokens"),
-        (name = "audit", description = "What the model proxy saw"),
+        (name = "audit", description = "What the model and egress proxies saw"),
         (name = "service", description = "Service information"),
     )
 )]
@@ -80,9 +82,11 @@ pub fn router(state: AppState) -> Router {
         .route("/chat/stream", post(chat::chat_stream))
         .route("/usage", get(chat::usage))
         .route("/audit/model-requests", get(audit::model_requests))
+        .route("/audit/egress", get(audit::egress))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{user_id}", get(users::get_user).delete(users::delete_user))
         .route("/users/{user_id}/tokens", post(users::create_token).get(users::list_tokens))
+        .route("/users/{user_id}/allowed-domains", put(users::set_allowed_domains))
         .route("/tokens/{token_id}", delete(users::delete_token))
         .route("/me", get(users::me))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_principal));
@@ -104,7 +108,7 @@ pub fn router(state: AppState) -> Router {
 /// CORS per `api.cors_origins`: `*` allows any origin without credentials
 /// (browsers refuse credentials with a wildcard); a list allows those with.
 fn cors_layer(origins: &[String]) -> CorsLayer {
-    let methods = [Method::GET, Method::POST, Method::DELETE, Method::OPTIONS];
+    let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS];
     if origins.is_empty() {
         return CorsLayer::new();
     }

@@ -319,7 +319,13 @@ async fn ensure_user(state: &AppState, user_id: &str) -> Result<User, ApiError> 
     if let Some(user) = state.store.get_user(user_id).await? {
         return Ok(user);
     }
-    let user = User { user_id: user_id.to_owned(), role: Role::User, created_at: store::now(), uid: None };
+    let user = User {
+        user_id: user_id.to_owned(),
+        role: Role::User,
+        created_at: store::now(),
+        uid: None,
+        allowed_domains: None,
+    };
     match state.store.create_user(&user).await {
         Ok(()) => Ok(user),
         Err(store::StoreError::Conflict(_)) => state

@@ -1,6 +1,6 @@
-//! Users and API tokens. Creating and deleting users and issuing tokens is
-//! for admins; a user may list and revoke their own tokens and read
-//! themselves (`/api/v1/me`).
+//! Users and API tokens. Creating and deleting users, issuing tokens and
+//! setting a user's egress allow-list is for admins; a user may list and
+//! revoke their own tokens and read themselves (`/api/v1/me`).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -17,6 +17,12 @@ use crate::store::{self, ApiToken, Role, StoreError, User};
 
 /// Longest token lifetime that can be asked for.
 const MAX_TOKEN_DAYS: u32 = 3650;
+
+/// Most entries a user's egress allow-list may have.
+const MAX_ALLOWED_DOMAINS: usize = 200;
+
+/// Longest allow-list entry (a DNS name's limit).
+const MAX_DOMAIN_LEN: usize = 253;
 
 fn require_admin(principal: &Principal) -> Result<(), ApiError> {
     if principal.is_admin() { Ok(()) } else { Err(ApiError::Forbidden("Admin role required".into())) }
@@ -72,6 +78,7 @@ pub async fn create_user(
         role: request.role.unwrap_or(Role::User),
         created_at: store::now(),
         uid: None,
+        allowed_domains: None,
     };
     match state.store.create_user(&user).await {
         Ok(()) => {}
@@ -128,6 +135,7 @@ pub async fn me(State(state): State<AppState>, principal: Principal) -> Result<J
             role: principal.role,
             created_at: store::now(),
             uid: None,
+            allowed_domains: None,
         })),
     }
 }
@@ -163,6 +171,100 @@ pub async fn delete_user(
     }
     tracing::info!(user_id = %user_id, by = %principal.user_id, "user deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetAllowedDomainsRequest {
+    /// The domains the user's tools may reach through the egress proxy,
+    /// replacing the global `network.allowed_domains` (at most 200):
+    /// `example.com` (and its subdomains), `*.example.com` or `.example.com`
+    /// (only the subdomains), or `*` (everything). Lower case letters,
+    /// digits, `-` and `.`, 1–253 characters each. `null`: the global list
+    /// applies again. Required (`{}` is refused, not a reset).
+    // Without a default: the key must be present, `null` included.
+    #[serde(deserialize_with = "Option::deserialize")]
+    #[schema(required = true, example = json!(["example.com", "*.pypi.org"]))]
+    pub allowed_domains: Option<Vec<String>>,
+}
+
+/// Why `entry` is not a valid allow-list entry, if it is not.
+fn domain_entry_error(entry: &str) -> Option<&'static str> {
+    if entry.is_empty() || entry.chars().count() > MAX_DOMAIN_LEN {
+        return Some("must be 1-253 characters long");
+    }
+    if entry == "*" {
+        return None;
+    }
+    let name = entry.strip_prefix("*.").or_else(|| entry.strip_prefix('.')).unwrap_or(entry);
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+        return Some(
+            "must be a domain name of lowercase letters, digits, '-' and '.', optionally starting with '*.' or '.', \
+             or exactly '*'",
+        );
+    }
+    if name.split('.').any(str::is_empty) {
+        return Some("must not have an empty label (a leading, trailing or doubled '.')");
+    }
+    None
+}
+
+impl Validate for SetAllowedDomainsRequest {
+    fn validate(&self) -> Vec<FieldError> {
+        let Some(domains) = &self.allowed_domains else { return Vec::new() };
+        if domains.len() > MAX_ALLOWED_DOMAINS {
+            return vec![FieldError::new(
+                "too_long",
+                ["body".into(), "allowed_domains".into()],
+                format!("List should have at most {MAX_ALLOWED_DOMAINS} items after validation, not {}", domains.len()),
+                domains.clone().into(),
+            )];
+        }
+        domains
+            .iter()
+            .enumerate()
+            .filter_map(|(index, entry)| {
+                let msg = domain_entry_error(entry)?;
+                let loc = ["body".into(), "allowed_domains".into(), index.into()];
+                Some(FieldError::new("value_error", loc, msg, entry.as_str().into()))
+            })
+            .collect()
+    }
+}
+
+/// Set a user's egress allow-list (admin): the domains their tools may
+/// reach through the egress proxy instead of the global list, or `null` to
+/// return to the global list. Applies to the user's next request.
+#[utoipa::path(
+    put, path = "/api/v1/users/{user_id}/allowed-domains", tag = "users",
+    params(("user_id" = String, Path)), request_body = SetAllowedDomainsRequest,
+    responses(
+        (status = 200, description = "The user, with their new list", body = User),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "User not found", body = ErrorBody),
+        (status = 422, description = "Validation error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn set_allowed_domains(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(user_id): Path<String>,
+    ApiJson(request): ApiJson<SetAllowedDomainsRequest>,
+) -> Result<Json<User>, ApiError> {
+    require_admin(&principal)?;
+    if !state.store.set_user_allowed_domains(&user_id, request.allowed_domains.as_deref()).await? {
+        return Err(user_not_found());
+    }
+    let user = state.store.get_user(&user_id).await?.ok_or_else(user_not_found)?;
+    // The running egress proxy applies it to the user's next request.
+    if let Some(egress) = &state.egress {
+        egress.set_user(&user_id, user.allowed_domains.clone());
+    }
+    tracing::info!(
+        user_id = %user_id, domains = ?user.allowed_domains, by = %principal.user_id, "allowed domains set"
+    );
+    Ok(Json(user))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]

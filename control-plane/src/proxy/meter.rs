@@ -175,8 +175,12 @@ mod tests {
 
     fn prices() -> BTreeMap<String, ModelPrice> {
         let price = |input: f64, output: f64| ModelPrice { input, output, cache_read: input / 10.0, cache_write: 0.0 };
-        [("default".to_owned(), price(1.0, 2.0)), ("claude-opus".into(), price(15.0, 75.0)), ("claude-opus-9".into(), price(5.0, 25.0))]
-            .into()
+        [
+            ("default".to_owned(), price(1.0, 2.0)),
+            ("claude-opus".into(), price(15.0, 75.0)),
+            ("claude-opus-9".into(), price(5.0, 25.0)),
+        ]
+        .into()
     }
 
     #[test]
@@ -200,7 +204,10 @@ mod tests {
             // claude-opus: 15 and 75 per million, cache reads 1.5.
             let expected = 0.015 + 0.15 + 0.00015;
             assert!((usage.total_cost_usd - expected).abs() < 1e-12, "{}", usage.total_cost_usd);
-            assert_eq!(meter.tool_calls(), json!([{"name": "Bash", "input_bytes": 17, "input": "{\"command\": \"ls\"}"}]));
+            assert_eq!(
+                meter.tool_calls(),
+                json!([{"name": "Bash", "input_bytes": 17, "input": "{\"command\": \"ls\"}"}])
+            );
         }
     }
 

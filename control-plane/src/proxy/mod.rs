@@ -13,6 +13,7 @@
 
 pub mod egress;
 pub mod meter;
+pub mod network;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,8 +46,16 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 const SPEND_REFRESH: Duration = Duration::from_secs(60);
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Headers that belong to one connection: neither proxy forwards them.
-pub(crate) const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "upgrade"];
+pub(crate) const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
 /// What the model proxy drops besides: what it sets itself, the sandbox's
 /// credential (replaced by the upstream's), and compression (identity, so
 /// the meter can read the body).
@@ -117,14 +126,16 @@ impl ModelProxy {
     pub async fn bind(config: &Config, store: Arc<dyn Store>) -> Result<(Arc<Self>, TcpListener), ProxyError> {
         let proxy = &config.model_proxy;
         let addr = format!("{}:{}", proxy.host, proxy.port);
-        let listener = TcpListener::bind(&addr).await.map_err(|source| ProxyError::Bind { addr: addr.clone(), source })?;
+        let listener =
+            TcpListener::bind(&addr).await.map_err(|source| ProxyError::Bind { addr: addr.clone(), source })?;
         let addr = listener.local_addr().map_err(|source| ProxyError::Bind { addr, source })?;
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ProxyError::Client(e.to_string()))?;
-        let upstream = config.anthropic.base_url.as_deref().unwrap_or("https://api.anthropic.com").trim_end_matches('/');
+        let upstream =
+            config.anthropic.base_url.as_deref().unwrap_or("https://api.anthropic.com").trim_end_matches('/');
         let proxy = Arc::new(Self {
             config: proxy.clone(),
             upstream: upstream.to_owned(),

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
 use super::{
-    ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Session, SessionQuery, SessionStatus, Store, StoreError,
-    StoreResult, StoredMessage, UsageTotals, User, check_model_request, micros_ceil, model_request_cursor,
-    no_session_for_messages,
+    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, NewMessage, Session, SessionQuery,
+    SessionStatus, Store, StoreError, StoreResult, StoredMessage, UsageTotals, User, check_egress_event,
+    check_model_request, listing_cursor, micros_ceil, no_session_for_messages,
 };
 use crate::config::StorageKind;
 
@@ -24,6 +24,8 @@ struct State {
     messages: HashMap<String, Vec<StoredMessage>>,
     /// The model proxy's audit log, by request id.
     model_requests: BTreeMap<String, ModelRequest>,
+    /// The egress proxy's audit log, by event id.
+    egress_events: BTreeMap<String, EgressEvent>,
 }
 
 #[derive(Debug, Default)]
@@ -80,11 +82,22 @@ impl Store for MemoryStore {
             }
             s.tokens.retain(|_, t| t.user_id != user_id);
             s.model_requests.retain(|_, r| r.user_id != user_id);
+            s.egress_events.retain(|_, e| e.user_id != user_id);
             for session in s.sessions.values_mut().filter(|x| x.user_id == user_id) {
                 session.status = SessionStatus::Deleted;
                 s.messages.remove(&session.session_id);
             }
             true
+        })
+    }
+
+    async fn set_user_allowed_domains(&self, user_id: &str, domains: Option<&[String]>) -> StoreResult<bool> {
+        self.with(|s| match s.users.get_mut(user_id) {
+            Some(user) => {
+                user.allowed_domains = domains.map(<[String]>::to_vec);
+                true
+            }
+            None => false,
         })
     }
 
@@ -294,7 +307,7 @@ impl Store for MemoryStore {
     }
 
     async fn list_model_requests(&self, query: &ModelRequestQuery) -> StoreResult<Vec<ModelRequest>> {
-        let before = query.before.as_ref().map(model_request_cursor);
+        let before = query.before.as_ref().map(listing_cursor);
         self.with(|s| {
             let mut found: Vec<ModelRequest> = s
                 .model_requests
@@ -329,6 +342,36 @@ impl Store for MemoryStore {
             }
             Ok(by_session.into_iter().map(|(id, (count, usage))| (id.to_owned(), count, usage)).collect())
         })?
+    }
+
+    async fn record_egress_event(&self, event: &EgressEvent) -> StoreResult<()> {
+        check_egress_event(event)?;
+        self.with(|s| {
+            if s.egress_events.contains_key(&event.event_id) {
+                return Err(StoreError::Conflict(format!("egress event {}", event.event_id)));
+            }
+            let stored = EgressEvent { at: event.at.trunc_subsecs(6), ..event.clone() };
+            s.egress_events.insert(event.event_id.clone(), stored);
+            Ok(())
+        })?
+    }
+
+    async fn list_egress_events(&self, query: &EgressEventQuery) -> StoreResult<Vec<EgressEvent>> {
+        let before = query.before.as_ref().map(listing_cursor);
+        self.with(|s| {
+            let mut found: Vec<EgressEvent> = s
+                .egress_events
+                .values()
+                .filter(|e| query.user_id.as_ref().is_none_or(|u| &e.user_id == u))
+                .filter(|e| query.session_id.as_ref().is_none_or(|x| &e.session_id == x))
+                .filter(|e| query.allowed.is_none_or(|a| e.allowed == a))
+                .filter(|e| before.is_none_or(|b| (e.at, e.event_id.as_str()) < b))
+                .cloned()
+                .collect();
+            found.sort_by(|a, b| (b.at, &b.event_id).cmp(&(a.at, &a.event_id)));
+            found.truncate(query.limit as usize);
+            found
+        })
     }
 }
 

@@ -1,6 +1,7 @@
-//! Persistent state: users, API tokens, sessions and their chat history, and
-//! the model proxy's audit log of model requests, behind one [`Store`] trait
-//! with three implementations (memory, SQLite, PostgreSQL).
+//! Persistent state: users, API tokens, sessions and their chat history, the
+//! model proxy's audit log of model requests and the egress proxy's audit log
+//! of web requests, behind one [`Store`] trait with three implementations
+//! (memory, SQLite, PostgreSQL).
 //!
 //! The SQL backends share one implementation ([`sql`]) whose queries run
 //! unchanged on both; each backend's file only connects and migrates.
@@ -119,6 +120,10 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     /// Uid the user's worker runs as in privileged sandbox mode.
     pub uid: Option<i64>,
+    /// The domains this user's tools may reach through the egress proxy,
+    /// replacing `network.allowed_domains`; `null`: the global list applies.
+    #[serde(default)]
+    pub allowed_domains: Option<Vec<String>>,
 }
 
 /// An API token as stored: only the SHA-256 of the secret is kept.
@@ -320,9 +325,59 @@ pub struct ModelRequestQuery {
     pub limit: u32,
 }
 
+/// One web request the egress proxy allowed or refused (the audit log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EgressEvent {
+    /// Unique (a UUID): the primary key.
+    pub event_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    /// When the proxy decided (stored truncated to microseconds).
+    pub at: DateTime<Utc>,
+    /// `CONNECT`, `GET`, ...
+    pub method: String,
+    /// The destination as checked: lower case, no trailing dot, IPv6
+    /// without brackets.
+    pub host: String,
+    pub port: i32,
+    /// Whether the policy let the request through.
+    pub allowed: bool,
+    /// Why it was refused, or what went wrong upstream.
+    pub reason: Option<String>,
+}
+
+/// Which egress events the audit listing returns: newest first, by `(at,
+/// event_id)` descending.
+#[derive(Debug, Clone, Default)]
+pub struct EgressEventQuery {
+    /// Only this user's events (`None`: everyone's).
+    pub user_id: Option<String>,
+    /// Only this session's events (`None`: every session's).
+    pub session_id: Option<String>,
+    /// Only allowed (`true`) or refused (`false`) requests (`None`: both).
+    pub allowed: Option<bool>,
+    /// Keyset cursor: only events strictly before this `(at, event_id)`,
+    /// i.e. the last row of the previous page.
+    pub before: Option<(DateTime<Utc>, String)>,
+    pub limit: u32,
+}
+
 /// Checks what every backend can store: PostgreSQL's text types reject NUL
 /// characters, so the others do too (callers replace them in what they
-/// copy from requests, such as the model name).
+/// copy from requests, such as the model name). `what` names the record.
+fn check_texts<'a>(
+    what: &str,
+    id: &str,
+    texts: impl IntoIterator<Item = (&'a str, Option<&'a String>)>,
+) -> StoreResult<()> {
+    match texts.into_iter().find(|(_, text)| text.is_some_and(|t| t.contains('\0'))) {
+        Some((field, _)) => {
+            Err(StoreError::Internal(format!("cannot record {what} {id:?}: its {field} contains a NUL character")))
+        }
+        None => Ok(()),
+    }
+}
+
 fn check_model_request(request: &ModelRequest) -> StoreResult<()> {
     let texts = [
         ("request_id", Some(&request.request_id)),
@@ -333,13 +388,19 @@ fn check_model_request(request: &ModelRequest) -> StoreResult<()> {
         ("model", request.model.as_ref()),
         ("refusal", request.refusal.as_ref()),
     ];
-    match texts.into_iter().find(|(_, text)| text.is_some_and(|t| t.contains('\0'))) {
-        Some((field, _)) => Err(StoreError::Internal(format!(
-            "cannot record model request {:?}: its {field} contains a NUL character",
-            request.request_id
-        ))),
-        None => Ok(()),
-    }
+    check_texts("model request", &request.request_id, texts)
+}
+
+fn check_egress_event(event: &EgressEvent) -> StoreResult<()> {
+    let texts = [
+        ("event_id", Some(&event.event_id)),
+        ("user_id", Some(&event.user_id)),
+        ("session_id", Some(&event.session_id)),
+        ("method", Some(&event.method)),
+        ("host", Some(&event.host)),
+        ("reason", event.reason.as_ref()),
+    ];
+    check_texts("egress event", &event.event_id, texts)
 }
 
 /// The first stored timestamp (microsecond precision) at or after `at`:
@@ -354,10 +415,10 @@ fn micros_ceil(at: DateTime<Utc>) -> DateTime<Utc> {
     }
 }
 
-/// A listing cursor in stored precision, with the same meaning: a bound
-/// finer than microseconds becomes "before the next microsecond", which no
-/// request id precedes.
-fn model_request_cursor(before: &(DateTime<Utc>, String)) -> (DateTime<Utc>, &str) {
+/// A `(time, id)` listing cursor (model requests, egress events) in stored
+/// precision, with the same meaning: a bound finer than microseconds becomes
+/// "before the next microsecond", which no id precedes.
+fn listing_cursor(before: &(DateTime<Utc>, String)) -> (DateTime<Utc>, &str) {
     let ceil = micros_ceil(before.0);
     if ceil == before.0 { (before.0, before.1.as_str()) } else { (ceil, "") }
 }
@@ -376,9 +437,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self) -> StoreResult<Vec<User>>;
     async fn count_users(&self) -> StoreResult<u64>;
     /// Deletes a user and their tokens, marks their sessions deleted, purges
-    /// those sessions' message history and deletes their model requests.
-    /// An unknown user changes nothing (false).
+    /// those sessions' message history and deletes their model requests and
+    /// egress events. An unknown user changes nothing (false).
     async fn delete_user(&self, user_id: &str) -> StoreResult<bool>;
+    /// Replaces a user's own egress allow-list (`None`: the global list
+    /// applies again). The list is stored as given. False for an unknown
+    /// user.
+    async fn set_user_allowed_domains(&self, user_id: &str, domains: Option<&[String]>) -> StoreResult<bool>;
     /// The user's own uid for privileged sandboxing: the stored one, or the
     /// lowest free one in `range`, stored once. `Unavailable` when the range
     /// is exhausted; `None` when the user does not exist.
@@ -447,6 +512,16 @@ pub trait Store: Send + Sync + 'static {
     /// summed usage)`, ordered by session id (bytewise). `Internal` if a sum
     /// overflows.
     async fn model_usage_by_session(&self, user_id: &str) -> StoreResult<Vec<(String, i64, UsageTotals)>>;
+
+    /// Records one egress decision, `at` truncated to microseconds;
+    /// `Conflict` if its `event_id` exists. Neither the user nor the session
+    /// is checked (like model requests): only [`Store::delete_user`] removes
+    /// a user's events. `Internal` if a text field contains a NUL character.
+    async fn record_egress_event(&self, event: &EgressEvent) -> StoreResult<()>;
+    /// Up to `query.limit` egress events matching the query, newest first
+    /// (`at` descending, then `event_id` descending), strictly before
+    /// `query.before`.
+    async fn list_egress_events(&self, query: &EgressEventQuery) -> StoreResult<Vec<EgressEvent>>;
 }
 
 /// The error for appending to a session that is absent or deleted.

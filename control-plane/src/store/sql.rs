@@ -11,15 +11,15 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    ApiToken, ModelRequest, ModelRequestQuery, NewMessage, Role, Session, SessionOptions, SessionStatus, StoreError,
-    StoreResult, StoredMessage, UsageTotals, User,
+    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, NewMessage, Role, Session,
+    SessionOptions, SessionStatus, StoreError, StoreResult, StoredMessage, UsageTotals, User,
 };
 
 /// How long a token's `last_used_at` may lag: updating it on every request
 /// would turn every authenticated read into a write.
 pub(super) const LAST_USED_GRANULARITY: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
-pub(super) const USER_COLUMNS: &str = "user_id, role, created_at, uid";
+pub(super) const USER_COLUMNS: &str = "user_id, role, created_at, uid, allowed_domains";
 pub(super) const TOKEN_COLUMNS: &str = "token_id, user_id, token_hash, label, created_at, expires_at, last_used_at";
 pub(super) const SESSION_COLUMNS: &str = "session_id, user_id, subdir, cwd, options, metadata, status, created_at, \
      last_active_at, message_count, cli_session_id, input_tokens, output_tokens, cache_read_tokens, \
@@ -31,12 +31,35 @@ pub(super) struct UserRow {
     role: String,
     created_at: DateTime<Utc>,
     uid: Option<i64>,
+    /// JSON text (an array of strings), NULL for the global list.
+    allowed_domains: Option<String>,
 }
 
 impl UserRow {
     pub(super) fn into_user(self) -> StoreResult<User> {
-        Ok(User { user_id: self.user_id, role: Role::parse(&self.role)?, created_at: self.created_at, uid: self.uid })
+        let allowed_domains = match self.allowed_domains {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+                StoreError::Internal(format!("allowed domains of user {} in store are not JSON: {e}", self.user_id))
+            })?),
+            None => None,
+        };
+        Ok(User {
+            user_id: self.user_id,
+            role: Role::parse(&self.role)?,
+            created_at: self.created_at,
+            uid: self.uid,
+            allowed_domains,
+        })
     }
+}
+
+/// A user's allowed domains as stored: JSON text (TEXT on both backends,
+/// like message content), NULL for none.
+pub(super) fn allowed_domains_json(domains: Option<&[String]>) -> StoreResult<Option<String>> {
+    domains
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Internal(format!("cannot serialise allowed domains: {e}")))
 }
 
 #[derive(sqlx::FromRow)]
@@ -215,34 +238,93 @@ pub(super) fn usage_sums((count, input, output, cache_read, cache_creation, cost
     (count, usage)
 }
 
-/// The `WHERE` clause of a model request listing and the values to bind to
-/// its `$1..`, in order: only the filters given, so that each shape of the
-/// query is one plan that uses its index.
-pub(super) fn model_request_filter(query: &ModelRequestQuery) -> (String, Vec<ModelRequestBind<'_>>) {
+pub(super) const EGRESS_EVENT_COLUMNS: &str = "event_id, user_id, session_id, at, method, host, port, allowed, reason";
+
+/// An egress event as stored (`allowed` is BOOLEAN on PostgreSQL, 0/1 on
+/// SQLite).
+#[derive(sqlx::FromRow)]
+pub(super) struct EgressEventRow {
+    event_id: String,
+    user_id: String,
+    session_id: String,
+    at: DateTime<Utc>,
+    method: String,
+    host: String,
+    port: i32,
+    allowed: bool,
+    reason: Option<String>,
+}
+
+impl From<EgressEventRow> for EgressEvent {
+    fn from(row: EgressEventRow) -> Self {
+        Self {
+            event_id: row.event_id,
+            user_id: row.user_id,
+            session_id: row.session_id,
+            at: row.at,
+            method: row.method,
+            host: row.host,
+            port: row.port,
+            allowed: row.allowed,
+            reason: row.reason,
+        }
+    }
+}
+
+/// The `WHERE` clause of a newest-first `(at, id_column)` listing (model
+/// requests, egress events) and the values to bind to its `$1..`, in order:
+/// only the filters given, so that each shape of the query is one plan that
+/// uses its index.
+fn listing_filter<'a>(
+    id_column: &str,
+    user_id: Option<&'a str>,
+    session_id: Option<&'a str>,
+    allowed: Option<bool>,
+    before: Option<&'a (DateTime<Utc>, String)>,
+) -> (String, Vec<ListingBind<'a>>) {
     let mut conditions = Vec::new();
     let mut binds = Vec::new();
-    if let Some(user_id) = &query.user_id {
-        binds.push(ModelRequestBind::Text(user_id));
+    if let Some(user_id) = user_id {
+        binds.push(ListingBind::Text(user_id));
         conditions.push(format!("user_id = ${}", binds.len()));
     }
-    if let Some(session_id) = &query.session_id {
-        binds.push(ModelRequestBind::Text(session_id));
+    if let Some(session_id) = session_id {
+        binds.push(ListingBind::Text(session_id));
         conditions.push(format!("session_id = ${}", binds.len()));
     }
-    if let Some(before) = &query.before {
-        let (at, request_id) = super::model_request_cursor(before);
-        binds.push(ModelRequestBind::At(at));
-        binds.push(ModelRequestBind::Text(request_id));
-        conditions.push(format!("(at, request_id) < (${}, ${})", binds.len() - 1, binds.len()));
+    if let Some(allowed) = allowed {
+        binds.push(ListingBind::Bool(allowed));
+        conditions.push(format!("allowed = ${}", binds.len()));
+    }
+    if let Some(before) = before {
+        let (at, id) = super::listing_cursor(before);
+        binds.push(ListingBind::At(at));
+        binds.push(ListingBind::Text(id));
+        conditions.push(format!("(at, {id_column}) < (${}, ${})", binds.len() - 1, binds.len()));
     }
     let clause = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
     (clause, binds)
 }
 
-/// A value bound by [`model_request_filter`]'s clause.
-pub(super) enum ModelRequestBind<'a> {
+/// The `WHERE` clause of a model request listing and its binds (see
+/// [`listing_filter`]).
+pub(super) fn model_request_filter(query: &ModelRequestQuery) -> (String, Vec<ListingBind<'_>>) {
+    let (user_id, session_id) = (query.user_id.as_deref(), query.session_id.as_deref());
+    listing_filter("request_id", user_id, session_id, None, query.before.as_ref())
+}
+
+/// The `WHERE` clause of an egress event listing and its binds (see
+/// [`listing_filter`]).
+pub(super) fn egress_event_filter(query: &EgressEventQuery) -> (String, Vec<ListingBind<'_>>) {
+    let (user_id, session_id) = (query.user_id.as_deref(), query.session_id.as_deref());
+    listing_filter("event_id", user_id, session_id, query.allowed, query.before.as_ref())
+}
+
+/// A value bound by [`listing_filter`]'s clause.
+pub(super) enum ListingBind<'a> {
     Text(&'a str),
     At(DateTime<Utc>),
+    Bool(bool),
 }
 
 /// Up to three statuses as separate binds (`status IN ($a, $b, $c)`), padded
@@ -271,13 +353,17 @@ macro_rules! impl_sql_store {
             }
 
             async fn create_user(&self, user: &$crate::store::User) -> $crate::store::StoreResult<()> {
-                sqlx::query("INSERT INTO users (user_id, role, created_at, uid) VALUES ($1, $2, $3, $4)")
-                    .bind(&user.user_id)
-                    .bind(user.role.as_str())
-                    .bind(user.created_at)
-                    .bind(user.uid)
-                    .execute(&self.pool)
-                    .await?;
+                let allowed_domains = $crate::store::sql::allowed_domains_json(user.allowed_domains.as_deref())?;
+                sqlx::query(
+                    "INSERT INTO users (user_id, role, created_at, uid, allowed_domains) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&user.user_id)
+                .bind(user.role.as_str())
+                .bind(user.created_at)
+                .bind(user.uid)
+                .bind(allowed_domains)
+                .execute(&self.pool)
+                .await?;
                 Ok(())
             }
 
@@ -330,8 +416,23 @@ macro_rules! impl_sql_store {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("DELETE FROM model_requests WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM egress_events WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(true)
+            }
+
+            async fn set_user_allowed_domains(
+                &self,
+                user_id: &str,
+                domains: Option<&[String]>,
+            ) -> $crate::store::StoreResult<bool> {
+                let allowed_domains = $crate::store::sql::allowed_domains_json(domains)?;
+                let result = sqlx::query("UPDATE users SET allowed_domains = $1 WHERE user_id = $2")
+                    .bind(allowed_domains)
+                    .bind(user_id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(result.rows_affected() > 0)
             }
 
             async fn assign_uid(&self, user_id: &str, range: (i64, i64)) -> $crate::store::StoreResult<Option<i64>> {
@@ -752,8 +853,9 @@ macro_rules! impl_sql_store {
                 let mut select = sqlx::query_as::<_, $crate::store::sql::ModelRequestRow>(&sql);
                 for bind in binds {
                     select = match bind {
-                        $crate::store::sql::ModelRequestBind::Text(text) => select.bind(text),
-                        $crate::store::sql::ModelRequestBind::At(at) => select.bind(at),
+                        $crate::store::sql::ListingBind::Text(text) => select.bind(text),
+                        $crate::store::sql::ListingBind::At(at) => select.bind(at),
+                        $crate::store::sql::ListingBind::Bool(flag) => select.bind(flag),
                     };
                 }
                 select
@@ -811,6 +913,57 @@ macro_rules! impl_sql_store {
                             $crate::store::sql::usage_sums((count, input, output, cache_read, cache_creation, cost));
                         (session_id, count, usage)
                     })
+                    .collect())
+            }
+
+            async fn record_egress_event(
+                &self,
+                event: &$crate::store::EgressEvent,
+            ) -> $crate::store::StoreResult<()> {
+                $crate::store::check_egress_event(event)?;
+                let sql = format!(
+                    "INSERT INTO egress_events ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    $crate::store::sql::EGRESS_EVENT_COLUMNS
+                );
+                sqlx::query(&sql)
+                    .bind(&event.event_id)
+                    .bind(&event.user_id)
+                    .bind(&event.session_id)
+                    .bind(chrono::SubsecRound::trunc_subsecs(event.at, 6))
+                    .bind(&event.method)
+                    .bind(&event.host)
+                    .bind(event.port)
+                    .bind(event.allowed)
+                    .bind(&event.reason)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn list_egress_events(
+                &self,
+                query: &$crate::store::EgressEventQuery,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::EgressEvent>> {
+                let (filter, binds) = $crate::store::sql::egress_event_filter(query);
+                let sql = format!(
+                    "SELECT {} FROM egress_events {filter} ORDER BY at DESC, event_id DESC LIMIT ${}",
+                    $crate::store::sql::EGRESS_EVENT_COLUMNS,
+                    binds.len() + 1
+                );
+                let mut select = sqlx::query_as::<_, $crate::store::sql::EgressEventRow>(&sql);
+                for bind in binds {
+                    select = match bind {
+                        $crate::store::sql::ListingBind::Text(text) => select.bind(text),
+                        $crate::store::sql::ListingBind::At(at) => select.bind(at),
+                        $crate::store::sql::ListingBind::Bool(flag) => select.bind(flag),
+                    };
+                }
+                Ok(select
+                    .bind(i64::from(query.limit))
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(Into::into)
                     .collect())
             }
         }

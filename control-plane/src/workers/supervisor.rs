@@ -324,7 +324,8 @@ impl Supervisor {
             .values()
             .filter(|worker| !worker.exited.is_cancelled())
             .flat_map(|worker| {
-                let sessions = worker.sessions.lock().map(|s| s.keys().cloned().collect()).unwrap_or_else(|_| Vec::new());
+                let sessions =
+                    worker.sessions.lock().map(|s| s.keys().cloned().collect()).unwrap_or_else(|_| Vec::new());
                 sessions.into_iter().map(|session| (worker.user_id.clone(), session))
             })
             .collect()

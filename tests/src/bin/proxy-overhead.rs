@@ -73,7 +73,9 @@ async fn main() {
             samples[2][path].push(streamed);
         }
     }
-    println!("| {requests} requests each, interleaved | direct p50 ms | proxy p50 ms | added p50 ms | direct p90 | proxy p90 | direct p99 | proxy p99 |");
+    println!(
+        "| {requests} requests each, interleaved | direct p50 ms | proxy p50 ms | added p50 ms | direct p90 | proxy p90 | direct p99 | proxy p99 |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let names = ["non-streamed request, whole", "streamed request, first byte", "streamed request, last byte"];
     for (name, [direct, proxied]) in names.iter().zip(samples.iter_mut()) {
