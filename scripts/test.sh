@@ -39,3 +39,6 @@ cargo build --workspace --bins --locked
 
 say "tests"
 cargo test --workspace --locked
+
+say "benchmark harness, quick (proves it runs; no pass/fail on time)"
+target/debug/bench --quick --out target/BENCHMARKS.quick.md >/dev/null
