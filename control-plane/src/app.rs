@@ -144,14 +144,17 @@ impl App {
     /// background tasks.
     pub async fn run(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let tasks = TaskTracker::new();
-        let proxy = self.state.model_proxy.clone().serve(self.proxy_listener, shutdown.clone());
+        // The proxies outlive the API's listener: running turns still talk to
+        // the model while they finish.
+        let drained = CancellationToken::new();
+        let proxy = self.state.model_proxy.clone().serve(self.proxy_listener, drained.clone());
         tasks.spawn(async move {
             if let Err(e) = proxy.await {
                 tracing::error!(error = %e, "model proxy stopped");
             }
         });
         if let (Some(egress), Some(listener)) = (&self.state.egress, self.egress_listener) {
-            let egress = egress.proxy.clone().serve(listener, shutdown.clone());
+            let egress = egress.proxy.clone().serve(listener, drained.clone());
             tasks.spawn(async move {
                 if let Err(e) = egress.await {
                     tracing::error!(error = %e, "egress proxy stopped");
@@ -167,8 +170,23 @@ impl App {
         let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let result = axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+        let grace = Duration::from_secs(self.state.config.api.shutdown_grace);
+        tasks.spawn(drain_turns(self.state.clone(), shutdown.clone(), drained.clone(), grace));
+        let serve = axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        // Open streams end once the turns are drained; a client that keeps a
+        // connection open regardless does not hold the shutdown up.
+        let result = tokio::select! {
+            result = serve => result,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace + Duration::from_secs(5)).await;
+            } => {
+                tracing::warn!("connections still open after the shutdown grace; closing them");
+                Ok(())
+            }
+        };
         shutdown.cancel();
+        drained.cancelled().await;
         self.state.supervisor.shutdown().await;
         tasks.close();
         tasks.wait().await;
@@ -204,6 +222,16 @@ fn announce_generated_token(secret: &str) {
         "\n  First start: created user `admin` with this API token (shown once, store it now):\n\n    {secret}\n\n  \
          Set CLAUDE_AGENT_ADMIN_TOKEN to choose your own instead.\n"
     );
+}
+
+/// On shutdown: lets running turns finish (up to `grace`), then ends every
+/// session stream, then lets the proxies stop.
+async fn drain_turns(state: AppState, shutdown: CancellationToken, drained: CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: new connections refused, running turns finish");
+    state.conversations.wait_for_turns(grace).await;
+    state.conversations.close_all();
+    drained.cancel();
 }
 
 /// Marks sessions idle past `session.ttl` as expired. Runs every quarter of

@@ -446,6 +446,41 @@ impl Conversations {
         }
     }
 
+    /// Waits until no turn runs, or `grace` has passed; whether they all
+    /// finished.
+    pub async fn wait_for_turns(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            let running = self
+                .all()
+                .iter()
+                .filter(|c| c.busy() && !c.releasing.load(std::sync::atomic::Ordering::SeqCst))
+                .count();
+            if running == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(running, "shutdown grace over: ending the turns still running");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server stops: a turn still running ends its stream with an error
+    /// frame, and every stream ends once read to its end.
+    pub fn close_all(&self) {
+        for conversation in self.map().drain().map(|(_, c)| c) {
+            if conversation.log().turn_start.is_some() {
+                conversation.publish(&json!({
+                    "type": "error", "text": null, "tool_name": null, "tool_input": null, "raw": null,
+                    "error": "the server is shutting down; the turn was stopped (reconnect later with Last-Event-ID)",
+                }));
+            }
+            conversation.close();
+        }
+    }
+
     fn all(&self) -> Vec<Arc<Conversation>> {
         self.map().values().cloned().collect()
     }

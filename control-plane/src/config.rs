@@ -353,6 +353,9 @@ pub struct ApiConfig {
     pub max_warm_sessions_per_user: u32,
     /// SSE frames kept per session for reconnects with `Last-Event-ID`.
     pub stream_buffer_events: usize,
+    /// Seconds running turns get to finish after SIGTERM before their
+    /// streams are ended and their CLIs stopped.
+    pub shutdown_grace: u64,
     /// Bytes of SSE frames kept per session (the older frames go first).
     pub stream_buffer_bytes: usize,
 }
@@ -372,6 +375,7 @@ impl Default for ApiConfig {
             max_warm_sessions: 10,
             max_warm_sessions_per_user: 3,
             stream_buffer_events: 2000,
+            shutdown_grace: 30,
             stream_buffer_bytes: 4 * 1024 * 1024,
         }
     }

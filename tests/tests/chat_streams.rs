@@ -291,3 +291,40 @@ async fn a_queued_message_waits_for_the_running_turn_instead_of_429() {
     assert_eq!(first.body["text"], "first of two in order", "{first:?}");
     assert_eq!(second.body["text"], "second", "{second:?}");
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_running_turn_finish_and_ends_every_stream() {
+    let mock = MockModel::start().await.expect("mock");
+    let mut server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__SHUTDOWN_GRACE", "20")).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let idle = server.session(&alice, json!({})).await;
+    // A stream that would stay open forever, and a turn that takes ~1.8 s.
+    let follower = reconnect_follow(&server, &alice, &idle).await;
+    let follower = tokio::spawn(read_sse(follower, |_| false));
+    let turn = server.open_stream(&alice, &session, SLOW).await;
+    let turn = tokio::spawn(read_sse(turn, |_| false));
+    assert!(wait_for_model_request(&mock, SLOW_TEXT, Duration::from_secs(30)).await, "{}", server.log());
+
+    let started = Instant::now();
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    let events = turn.await.expect("turn stream");
+    assert_eq!(events.last().map(SseEvent::kind), Some("done"), "the running turn was cut: {events:?}");
+    assert_eq!(text_of(&events), SLOW_TEXT);
+    assert!(follower.await.expect("follower").is_empty());
+    assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+    // Nothing of the sessions outlives the server.
+    assert!(session_process_pids(&session).is_empty() && session_process_pids(&idle).is_empty());
+}
+
+/// `GET /api/v1/sessions/{id}/stream?follow=true`.
+async fn reconnect_follow(server: &TestServer, token: &str, session: &str) -> reqwest::Response {
+    let response = server
+        .request(Method::GET, &format!("/api/v1/sessions/{session}/stream?follow=true"), Some(token))
+        .send()
+        .await
+        .expect("follow");
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
