@@ -47,6 +47,8 @@ pub struct Services {
     /// chat slots.
     pub conversations: crate::chat::Conversations,
     pub started: Instant,
+    /// `api.requests_per_second_per_user`, checked after authentication.
+    pub rate_limiter: crate::ratelimit::UserRateLimiter,
     /// Serialises "count open sessions, then insert" so two concurrent
     /// creates cannot both take the last slot.
     pub admission: tokio::sync::Mutex<()>,
@@ -122,6 +124,8 @@ impl App {
         let addr = format!("{}:{}", config.api.host, config.api.port);
         let listener =
             TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
+        let rate = config.api.requests_per_second_per_user;
+        let rate_limiter = crate::ratelimit::UserRateLimiter::new(rate, (rate * 2.0).max(10.0));
         let state = AppState(Arc::new(Services {
             conversations: crate::chat::Conversations::new(&config.api),
             config,
@@ -131,6 +135,7 @@ impl App {
             model_proxy,
             egress,
             started: Instant::now(),
+            rate_limiter,
             admission: tokio::sync::Mutex::new(()),
         }));
         Ok(Self { state, listener, proxy_listener, egress_listener })

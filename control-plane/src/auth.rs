@@ -171,6 +171,15 @@ pub async fn require_principal(
         AuthMode::Header => principal_from_header(&state, &headers, peer).await?,
         AuthMode::None => Principal { user_id: ANONYMOUS_ADMIN.into(), role: Role::Admin },
     };
+    if let Err(wait) = state.rate_limiter.check(&principal.user_id) {
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "Too many requests for user {}: at most {} per second",
+                principal.user_id, state.config.api.requests_per_second_per_user
+            ),
+            retry_after_secs: wait.as_secs().max(1),
+        });
+    }
     request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
 }

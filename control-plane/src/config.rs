@@ -353,6 +353,9 @@ pub struct ApiConfig {
     pub max_warm_sessions_per_user: u32,
     /// SSE frames kept per session for reconnects with `Last-Event-ID`.
     pub stream_buffer_events: usize,
+    /// Authenticated requests per second per user, on average (0: no
+    /// limit); bursts of twice as many (at least 10) pass.
+    pub requests_per_second_per_user: f64,
     /// Seconds running turns get to finish after SIGTERM before their
     /// streams are ended and their CLIs stopped.
     pub shutdown_grace: u64,
@@ -376,6 +379,7 @@ impl Default for ApiConfig {
             max_warm_sessions_per_user: 3,
             stream_buffer_events: 2000,
             shutdown_grace: 30,
+            requests_per_second_per_user: 0.0,
             stream_buffer_bytes: 4 * 1024 * 1024,
         }
     }
@@ -756,6 +760,9 @@ impl Config {
                     format!("{model}: prices must be numbers >= 0"),
                 ));
             }
+        }
+        if !(self.api.requests_per_second_per_user >= 0.0 && self.api.requests_per_second_per_user.is_finite()) {
+            return Err(ConfigError::invalid("api.requests_per_second_per_user", "must be a number >= 0"));
         }
         if self.api.stream_buffer_bytes < 4096 {
             return Err(ConfigError::invalid("api.stream_buffer_bytes", "must be at least 4096"));

@@ -13,6 +13,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod proxy;
+pub mod ratelimit;
 pub mod store;
 pub mod userdir;
 pub mod workers;

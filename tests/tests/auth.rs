@@ -257,3 +257,25 @@ async fn auth_none_serves_seed_clients_without_tokens_on_loopback() {
     assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
     assert!(server.log().contains("auth.mode is `none`"), "a warning at start");
 }
+
+#[tokio::test]
+async fn requests_per_second_per_user_answer_429_with_retry_after() {
+    let server =
+        TestServer::start_with(ServerConfig::default().env("CLAUDE_AGENT_API__REQUESTS_PER_SECOND_PER_USER", "2"))
+            .await;
+    let alice = server.user_with_token("alice").await;
+    // A burst of 10 passes, then alice is limited; bob is not.
+    let mut statuses = Vec::new();
+    for _ in 0..15 {
+        statuses.push(server.get("/api/v1/me", &alice).await.status);
+    }
+    assert!(statuses[..10].iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    let limited = server.get("/api/v1/me", &alice).await;
+    limited.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert!(limited.headers.get("retry-after").is_some());
+    let bob = server.user_with_token("bob").await;
+    assert_eq!(server.get("/api/v1/me", &bob).await.status, StatusCode::OK);
+    // The bucket refills at 2 per second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(server.get("/api/v1/me", &alice).await.status, StatusCode::OK);
+}
