@@ -43,6 +43,8 @@ pub enum TurnError {
     Timeout(u64),
     #[error("the session's CLI is not reachable")]
     NotRunning,
+    #[error("the session's CLI broke its protocol ({0}); it was stopped, the next message restarts it")]
+    Protocol(String),
     #[error("all {0} chat slots of the server stayed busy for the whole timeout")]
     ServerBusy(u32),
     #[error("{scope} already has {cap} warm CLI processes, all of them in a turn")]
@@ -715,15 +717,20 @@ async fn read_turn(
                 continue;
             }
             Err(_) => {
-                state.supervisor.stop_process(user, id, Duration::from_millis(500)).await;
+                // Gone before the turn ends, so the next message starts a new CLI.
+                stop_and_wait(state, user, id).await;
                 return Err(TurnError::Timeout(timeout.as_secs()));
             }
         };
         match event {
             Ok(ProcessEvent::Line { stream: shared::protocol::OutputStream::Stdout, line, .. }) => {
                 let Ok(message) = serde_json::from_str::<Value>(&line) else {
-                    tracing::warn!(session_id = %id, "CLI wrote a line that is not JSON; ignored");
-                    continue;
+                    // Its output can no longer be matched to turns: end the
+                    // turn and the process (the next message resumes).
+                    tracing::warn!(session_id = %id, bytes = line.len(), "CLI wrote a line that is not JSON");
+                    // Gone before the turn ends, so the next message starts a new CLI.
+                    stop_and_wait(state, user, id).await;
+                    return Err(TurnError::Protocol("an output line that is not JSON".into()));
                 };
                 if message["type"] == "control_response" {
                     continue;
@@ -745,7 +752,14 @@ async fn read_turn(
                 return Err(TurnError::Exited(format!(" (code {code:?}, signal {signal:?})")));
             }
             Ok(ProcessEvent::WorkerDied) => return Err(TurnError::Exited(": its worker died".into())),
-            Ok(ProcessEvent::Error(message)) => tracing::warn!(session_id = %id, %message, "worker error"),
+            Ok(ProcessEvent::Error(message)) => {
+                // A dropped (oversized) line or a failed start: the turn's
+                // output is incomplete.
+                tracing::warn!(session_id = %id, %message, "worker error during a turn");
+                // Gone before the turn ends, so the next message starts a new CLI.
+                stop_and_wait(state, user, id).await;
+                return Err(TurnError::Protocol(message));
+            }
             Ok(ProcessEvent::Started { .. } | ProcessEvent::Gap { .. }) => {}
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 return Err(TurnError::Exited(format!(": {n} output lines were lost")));

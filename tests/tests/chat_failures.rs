@@ -727,3 +727,51 @@ async fn deleting_a_session_kills_its_cli() {
     let still = server.chat(&alice, &other, "mock:reply still here").await;
     assert_eq!(still.body["text"], "still here", "{still:?}");
 }
+
+/// A stand-in CLI that breaks the stream-json protocol on demand: a user
+/// message containing `not-json` gets a line that is not JSON, `huge` a
+/// 40 MB line (over the worker's frame limit); anything else a result.
+const BROKEN_CLI: &str = r#"#!/bin/sh
+while IFS= read -r line; do
+  case "$line" in
+    *'"type":"user"'*)
+      case "$line" in
+        *not-json*) echo 'this is not json' ;;
+        *huge*) head -c 40000000 /dev/zero | tr '\0' 'x'; echo ;;
+        *) echo '{"type":"result","subtype":"success","is_error":false,"result":"fine","usage":{}}' ;;
+      esac ;;
+  esac
+done
+"#;
+
+#[tokio::test]
+async fn a_cli_that_breaks_the_protocol_ends_its_turn_not_the_worker_or_the_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let cli = dir.path().join("broken-cli");
+    std::fs::write(&cli, BROKEN_CLI).expect("script");
+    // The user's uid (privileged mode) must reach and run it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let server =
+        TestServer::start_with(ServerConfig::default().env("CLAUDE_AGENT_CLI_PATH", cli.display().to_string())).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    assert_replies_fine(&server, &alice, &session).await;
+    for (message, expected) in [("not-json please", "not JSON"), ("huge please", "longer than")] {
+        let broken = server.chat(&alice, &session, message).await;
+        broken.assert_error(StatusCode::BAD_GATEWAY, "cli_failed");
+        assert!(broken.body["detail"].as_str().is_some_and(|d| d.contains(expected)), "{broken:?}");
+        // The session goes on with a new CLI; the worker and the server live.
+        assert_replies_fine(&server, &alice, &session).await;
+    }
+    assert_eq!(server.get("/health", &alice).await.status, StatusCode::OK);
+    let log = server.log();
+    assert!(!log.contains("bad frame from worker") && !log.contains("worker exited"), "{log}");
+}
+
+async fn assert_replies_fine(server: &TestServer, token: &str, session: &str) {
+    let reply = server.chat(token, session, "hello").await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
+    assert_eq!(reply.body["text"], "fine");
+}

@@ -273,10 +273,22 @@ async fn relay(
         }
         if line.last() != Some(&b'\n') && line.len() > MAX_LINE {
             report(outbox, Some(session_id), format!("{stream:?} line longer than {MAX_LINE} bytes dropped"));
-            // Skip the rest of the oversized line.
-            let mut rest = Vec::new();
-            if reader.read_until(b'\n', &mut rest).await.is_err() {
-                return;
+            // Skip the rest of the oversized line without holding it.
+            loop {
+                let Ok(buffer) = reader.fill_buf().await else { return };
+                if buffer.is_empty() {
+                    return;
+                }
+                match buffer.iter().position(|&b| b == b'\n') {
+                    Some(end) => {
+                        reader.consume(end + 1);
+                        break;
+                    }
+                    None => {
+                        let all = buffer.len();
+                        reader.consume(all);
+                    }
+                }
             }
             continue;
         }
