@@ -12,9 +12,9 @@ say "toolchain"
 command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
 cargo --version
 
-say "tools the sandbox tests run inside a worker (bash, git, rg, curl)"
-if ! command -v rg >/dev/null || ! command -v git >/dev/null || ! command -v curl >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq ripgrep git curl
+say "tools the tests run (bash, git, rg, curl inside workers; jq for the curl example)"
+if ! command -v rg >/dev/null || ! command -v git >/dev/null || ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq ripgrep git curl jq
 fi
 
 say "Claude CLI (pinned in package.json / package-lock.json)"

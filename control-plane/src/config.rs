@@ -471,8 +471,8 @@ pub struct AnthropicConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxMode {
-    /// Privileged when the server is root or holds CAP_SETUID, CAP_SETGID
-    /// and CAP_SETPCAP; else unprivileged.
+    /// Privileged when the server is root or holds the capabilities
+    /// privileged mode uses (`can_switch_uids`); else unprivileged.
     #[default]
     Auto,
     /// Each user's worker runs as that user's own uid (from `uid_range`).

@@ -58,8 +58,12 @@ pub fn resolve_mode(configured: SandboxMode) -> SandboxMode {
     }
 }
 
-/// Root, or CAP_SETUID + CAP_SETGID + CAP_SETPCAP in the permitted set
-/// (file capabilities on the binary, as in the Docker image).
+/// Root, or every capability privileged mode uses in the permitted set
+/// (file capabilities on the binary, as in the Docker image): the server
+/// gives each user's directory to the user's uid (CAP_CHOWN) and still
+/// creates sessions' directories inside it (CAP_DAC_OVERRIDE, CAP_FOWNER);
+/// the worker switches uids (CAP_SETUID, CAP_SETGID, CAP_SETPCAP; a non-root
+/// server's exec drops them, so the worker binary carries its own).
 pub fn can_switch_uids() -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
@@ -70,10 +74,15 @@ pub fn can_switch_uids() -> bool {
     else {
         return false;
     };
+    const CAP_CHOWN: u64 = 0;
+    const CAP_DAC_OVERRIDE: u64 = 1;
+    const CAP_FOWNER: u64 = 3;
     const CAP_SETGID: u64 = 6;
     const CAP_SETUID: u64 = 7;
     const CAP_SETPCAP: u64 = 8;
-    [CAP_SETGID, CAP_SETUID, CAP_SETPCAP].iter().all(|cap| permitted & (1 << cap) != 0)
+    [CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_SETGID, CAP_SETUID, CAP_SETPCAP]
+        .iter()
+        .all(|cap| permitted & (1 << cap) != 0)
 }
 
 /// The worker binary: configured, else next to this executable.
