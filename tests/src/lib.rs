@@ -72,11 +72,26 @@ pub struct ServerConfig {
     /// Run the server as this uid (and gid) instead of root: the
     /// unprivileged sandbox mode, with cgroups delegated to it.
     pub run_as: Option<u32>,
+    /// With `run_as`: copies of the server and worker binaries carrying the
+    /// file capabilities of `deploy/Dockerfile`, so the non-root server runs
+    /// the privileged sandbox mode (each user their own uid).
+    pub file_capabilities: bool,
 }
+
+/// The file capabilities `deploy/Dockerfile` gives the server and the worker.
+pub const SERVER_CAPABILITIES: &str = "cap_chown,cap_dac_override,cap_fowner,cap_setgid,cap_setuid,cap_setpcap+ep";
+pub const WORKER_CAPABILITIES: &str = "cap_setgid,cap_setuid,cap_setpcap+ep";
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { backend: Backend::Sqlite, extra_yaml: String::new(), env: Vec::new(), admin_token: true, run_as: None }
+        Self {
+            backend: Backend::Sqlite,
+            extra_yaml: String::new(),
+            env: Vec::new(),
+            admin_token: true,
+            run_as: None,
+            file_capabilities: false,
+        }
     }
 }
 
@@ -210,7 +225,13 @@ impl TestServer {
         std::fs::write(&config_path, yaml).expect("write config");
 
         let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
-        let mut command = Command::new(binary_path("claude-agent-http"));
+        if let Some(uid) = config.run_as {
+            chown_tree(root, uid);
+        }
+        // After the chown: a chown would clear the file capabilities.
+        let server_binary =
+            if config.file_capabilities { capable_binaries(root) } else { binary_path("claude-agent-http") };
+        let mut command = Command::new(server_binary);
         command.env_clear();
         // The probe stands in for the Claude CLI unless a test says otherwise.
         command.env("CLAUDE_AGENT_CLI_PATH", binary_path("sandbox-probe"));
@@ -219,7 +240,6 @@ impl TestServer {
         // cgroups beneath.
         let mut delegated = Vec::new();
         if let Some(uid) = config.run_as {
-            chown_tree(root, uid);
             delegated = delegate_cgroups(uid);
             let procs: Vec<std::ffi::CString> = delegated
                 .iter()
@@ -577,4 +597,20 @@ pub async fn wait_for_model_request(mock: &mock_model::MockServer, needle: &str,
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     false
+}
+
+/// Copies of the server and worker under `<root>/bin` (root-owned, 0755)
+/// with the file capabilities of the Docker image; the server's path.
+fn capable_binaries(root: &Path) -> PathBuf {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    set_mode(&bin, 0o755);
+    for (name, caps) in [("claude-agent-http", SERVER_CAPABILITIES), ("claude-agent-worker", WORKER_CAPABILITIES)] {
+        let copy = bin.join(name);
+        std::fs::copy(binary_path(name), &copy).expect("copy binary");
+        set_mode(&copy, 0o755);
+        let status = std::process::Command::new("setcap").arg(caps).arg(&copy).status();
+        assert!(status.is_ok_and(|s| s.success()), "setcap {caps} {} failed (libcap2-bin)", copy.display());
+    }
+    bin.join("claude-agent-http")
 }
