@@ -147,15 +147,16 @@ impl SseEvent {
 }
 
 /// Reads an SSE response to its end (or until `stop` says so), parsing each
-/// event's `id:` and JSON `data:`; comments (keep-alives) are skipped.
+/// event's `id:` and JSON `data:`; comments (keep-alives) are skipped. A
+/// connection that breaks off (the server died) ends the list.
 pub async fn read_sse(response: Response, mut stop: impl FnMut(&SseEvent) -> bool) -> Vec<SseEvent> {
     use futures::StreamExt;
     let started = std::time::Instant::now();
     let mut body = response.bytes_stream();
     let mut buffer = String::new();
     let mut events = Vec::new();
-    while let Some(chunk) = body.next().await {
-        buffer.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    while let Some(Ok(chunk)) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buffer.find("\n\n") {
             let block: String = buffer.drain(..end + 2).collect();
             let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());

@@ -775,3 +775,47 @@ async fn assert_replies_fine(server: &TestServer, token: &str, session: &str) {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}\n{}", server.log());
     assert_eq!(reply.body["text"], "fine");
 }
+
+/// `kill -9` of the control plane mid-turn: the client's stream closes (no
+/// hang), nothing of the old run survives, and after a restart the session
+/// resumes with its history.
+#[tokio::test]
+async fn a_control_plane_killed_mid_turn_leaves_nothing_behind_and_the_session_resumes() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    assert_replies(&server, &alice, &session, "remember the word quince", "first turn").await;
+    let message = "mock:slow 300 30\nmock:reply a slow answer cut short by a crash";
+    let stream = server.open_stream(&alice, &session, message).await;
+    let reader = tokio::spawn(read_sse(stream, |_| false));
+    assert!(wait_for_model_request(&mock, "cut short by a crash", Duration::from_secs(30)).await, "{}", server.log());
+    let old_processes = session_process_pids(&session);
+    assert!(!old_processes.is_empty());
+
+    let pid = rustix::process::Pid::from_raw(server.pid as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill -9");
+    let events = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the stream closes when the server dies")
+        .expect("reader");
+    assert!(events.iter().all(|e| e.kind() != "done"), "{events:?}");
+    // PDEATHSIG takes the workers and their CLIs down with the server.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old_processes.iter().any(|p| {
+        std::path::Path::new(&format!("/proc/{p}/cmdline")).exists()
+            && !std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default().is_empty()
+    }) {
+        assert!(Instant::now() < deadline, "processes of the killed server survive: {old_processes:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let server = server.restart().await;
+    let reply = server.chat(&alice, &session, "mock:reply back after the crash").await;
+    assert_eq!(reply.body["text"], "back after the crash", "{reply:?}\n{}", server.log());
+    let last = mock.message_requests().pop().expect("request");
+    assert!(last.messages.iter().any(|m| m.text.contains("quince")), "the conversation was lost");
+    let history = server.get(&format!("/api/v1/sessions/{session}/messages"), &alice).await;
+    let texts = history.body["messages"].to_string();
+    assert!(texts.contains("remember the word quince") && texts.contains("back after the crash"), "{texts}");
+}
