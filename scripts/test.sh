@@ -40,5 +40,8 @@ cargo build --workspace --bins --locked
 say "tests"
 cargo test --workspace --locked
 
+say "API fuzzing (schemathesis from the OpenAPI document, fixed seed)"
+bash scripts/fuzz-api.sh
+
 say "benchmark harness, quick (proves it runs; no pass/fail on time)"
 target/debug/bench --quick --out target/BENCHMARKS.quick.md >/dev/null

@@ -47,6 +47,8 @@ pub struct Services {
     /// chat slots.
     pub conversations: crate::chat::Conversations,
     pub started: Instant,
+    /// Counters behind `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// `api.requests_per_second_per_user`, checked after authentication.
     pub rate_limiter: crate::ratelimit::UserRateLimiter,
     /// Serialises "count open sessions, then insert" so two concurrent
@@ -104,7 +106,8 @@ impl App {
             tracing::warn!("auth.mode is `none`: every caller is an admin; use only for local development");
         }
         let user_dirs = UserDirs::open(&config.user.base_dir, config.user.auto_create_dir)?;
-        let (model_proxy, proxy_listener) = ModelProxy::bind(&config, store.clone()).await?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let (model_proxy, proxy_listener) = ModelProxy::bind(&config, store.clone(), metrics.clone()).await?;
         let (egress, egress_listener) = match Egress::bind(&config.network, model_proxy.clone(), store.clone()).await {
             Ok(Some((egress, listener))) => (Some(egress), Some(listener)),
             Ok(None) => (None, None),
@@ -136,6 +139,7 @@ impl App {
             egress,
             started: Instant::now(),
             rate_limiter,
+            metrics,
             admission: tokio::sync::Mutex::new(()),
         }));
         Ok(Self { state, listener, proxy_listener, egress_listener })

@@ -530,6 +530,7 @@ pub async fn start_cli(state: &AppState, session: &Session) -> Result<broadcast:
         Ok(events) => events,
         Err(e) => {
             state.model_proxy.revoke(&model.credential);
+            state.metrics.sandbox_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(e.into());
         }
     };
@@ -676,6 +677,7 @@ pub async fn run_turn(
         history
             .push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
     }
+    state.metrics.turn(result.is_ok());
     let now = crate::store::now();
     let store_started = std::time::Instant::now();
     if let Err(e) = state.store.append_messages(id, now, &history).await {

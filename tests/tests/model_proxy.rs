@@ -153,6 +153,12 @@ async fn usage_metered_at_the_proxy_equals_what_the_model_reported() {
     assert_eq!(report.body["metered"]["requests"].as_u64(), Some(upstream.len() as u64), "{report:?}");
     assert_eq!(report.body["metered"]["usage"]["input_tokens"].as_u64(), Some(input));
     assert!(report.body["metered"]["usage"]["total_cost_usd"].as_f64().is_some_and(|c| c > 0.0));
+    // And the metrics.
+    let metrics = server.request(reqwest::Method::GET, "/metrics", None).send().await.expect("metrics");
+    let text = metrics.text().await.expect("text");
+    assert!(text.contains(&format!("cah_model_tokens_total{{kind=\"input\"}} {input}")), "{text}");
+    assert!(text.contains(&format!("cah_model_requests_total {}", upstream.len())), "{text}");
+    assert!(text.contains("cah_turns_total{outcome=\"ok\"} 2"), "{text}");
 }
 
 #[tokio::test]

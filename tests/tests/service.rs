@@ -271,3 +271,37 @@ async fn sigterm_stops_the_server_cleanly() {
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(server.log().contains("stopped"));
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_every_answer_has_a_request_id() {
+    let server = TestServer::start().await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    server.get(&format!("/api/v1/sessions/{session}"), &alice).await;
+    let missing = server.get("/api/v1/sessions/nope", &alice).await;
+    missing.assert_error(StatusCode::NOT_FOUND, "not_found");
+    // The id is in the header and in the error body, and they agree.
+    let id = missing.headers["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(missing.body["request_id"], id.as_str());
+    // A caller's plain id is kept; anything else is replaced.
+    let kept =
+        server.request(Method::GET, "/health", None).header("x-request-id", "trace-42").send().await.expect("get");
+    assert_eq!(kept.headers()["x-request-id"], "trace-42");
+    let replaced =
+        server.request(Method::GET, "/health", None).header("x-request-id", "bad id;drop").send().await.expect("get");
+    assert_ne!(replaced.headers()["x-request-id"], "bad id;drop");
+
+    let metrics = Reply::from(server.request(Method::GET, "/metrics", None).send().await).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = &metrics.text;
+    // By route template: no session id in any label.
+    assert!(
+        text.contains(r#"cah_http_requests_total{route="/api/v1/sessions/{session_id}",method="GET",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"route="/api/v1/sessions/{session_id}",method="GET",status="404"} 1"#), "{text}");
+    assert!(!text.contains(&session), "a session id leaked into the labels");
+    assert!(text.contains("cah_sessions_open 1"), "{text}");
+    assert!(text.contains("cah_workers 1"), "{text}");
+    assert!(text.contains("cah_http_request_duration_seconds_bucket{route=\"/health\",le=\"+Inf\"} 2"), "{text}");
+}

@@ -43,12 +43,16 @@ fn default_timeout() -> u64 {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatRequest {
+    /// 1–200 of `[A-Za-z0-9_-]`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,200}$")]
     pub session_id: String,
     /// 1–100,000 characters, not blank.
+    #[schema(min_length = 1, max_length = 100_000, pattern = "\\S")]
     pub message: String,
     /// Seconds the turn may take (1–600, default 120); then it is
     /// interrupted and the request answers 504.
     #[serde(default = "default_timeout")]
+    #[schema(minimum = 1, maximum = 600)]
     pub timeout: u64,
     /// `true`: while another turn runs in the session, wait for it (within
     /// `timeout`) instead of answering 429.
@@ -357,6 +361,7 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
 
 /// Query of `GET /api/v1/sessions/{id}/stream`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     /// Resume after this event id (the `Last-Event-ID` header wins).
@@ -412,12 +417,15 @@ pub async fn session_stream(
 
 /// Query of `GET /api/v1/sessions/{id}/messages`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MessagesQuery {
     /// Only entries after this `seq` (the previous page's `next_after`).
     #[serde(default)]
+    #[param(minimum = 0)]
     pub after: i64,
     /// Page size, 1–500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 
@@ -498,6 +506,7 @@ pub async fn interrupt(
 
 /// Query of `GET /api/v1/usage`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// Whose usage (admins: anyone; users: themselves). Default: the caller.

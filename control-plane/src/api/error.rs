@@ -25,7 +25,7 @@ pub struct FieldError {
     /// Where: `["body", "user_id"]`, `["query", "limit"]`.
     pub loc: Vec<serde_json::Value>,
     pub msg: String,
-    #[schema(value_type = Object)]
+    /// The value that was refused (any JSON value, `null` if not shown).
     pub input: serde_json::Value,
 }
 
@@ -140,13 +140,24 @@ impl ApiError {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// A message, or for 422 a list of field errors.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = detail_schema)]
     pub detail: serde_json::Value,
     /// Stable machine-readable code.
     pub code: &'static str,
     /// The request field a 400 concerns.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<&'static str>,
+}
+
+/// `detail`'s schema: a string, or (422) a list of [`FieldError`].
+fn detail_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(ArrayBuilder::new().items(utoipa::openapi::Ref::from_schema_name("FieldError")))
+        .description(Some("A message, or for 422 a list of field errors."))
+        .build()
+        .into()
 }
 
 impl IntoResponse for ApiError {

@@ -47,7 +47,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
         users::create_token, users::list_tokens, users::delete_token,
     ),
     components(schemas(ErrorBody, error::FieldError, sessions::SessionPage)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags(
         (name = "sessions", description = "Sessions of the Claude CLI"),
         (name = "chat", description = "Chat turns, sync and streamed"),
@@ -65,6 +65,48 @@ impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// Documents the error answers every route can give before its handler
+/// runs, where they are produced (the auth middleware, [`extract::ApiJson`],
+/// [`extract::ApiQuery`], the store), so no route's list can miss one:
+/// 401, 429 (`api.requests_per_second_per_user`) and 503 (storage down) on
+/// every `/api/v1` route; 413, 415 and 422 on routes with a body; 422 on
+/// routes with query parameters. A route's own description of a status wins.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{Operation, ParameterIn};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+
+        let add = |operation: &mut Operation, status: &str, description: &str| {
+            let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+            let response = ResponseBuilder::new().description(description).content("application/json", content);
+            operation.responses.responses.entry(status.to_owned()).or_insert_with(|| response.build().into());
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let api = path.starts_with("/api/v1/");
+            let operations = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                if api {
+                    add(operation, "401", "Not authenticated (no, unknown, expired or revoked token)");
+                    add(operation, "429", "Too many requests from this user (`Retry-After` says when to retry)");
+                    add(operation, "503", "Storage is unavailable");
+                }
+                if operation.request_body.is_some() {
+                    add(operation, "413", "Body larger than `api.max_body_bytes`");
+                    add(operation, "415", "Content-Type is not JSON");
+                    add(operation, "422", "Validation error (`detail` lists each field)");
+                }
+                let has_query =
+                    operation.parameters.iter().flatten().any(|p| matches!(p.parameter_in, ParameterIn::Query));
+                if has_query {
+                    add(operation, "422", "Bad query (`detail` lists each parameter)");
+                }
+            }
+        }
     }
 }
 
@@ -89,11 +131,13 @@ pub fn router(state: AppState) -> Router {
         .route("/users/{user_id}/allowed-domains", put(users::set_allowed_domains))
         .route("/tokens/{token_id}", delete(users::delete_token))
         .route("/me", get(users::me))
+        .route_layer(middleware::from_fn(refuse_undecodable_uri))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_principal));
 
     Router::new()
         .route("/", get(root))
         .route("/health", get(health))
+        .route("/metrics", get(crate::metrics::metrics))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .nest("/api/v1", api)
         .fallback(not_found)
@@ -101,6 +145,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(cors_layer(&state.config.api.cors_origins))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        .layer(middleware::from_fn(crate::request_id::request_id))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -124,6 +170,54 @@ fn cors_layer(origins: &[String]) -> CorsLayer {
         .allow_methods(methods)
         .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE])
         .allow_credentials(true)
+}
+
+/// Refuses, after authentication and before any handler, a URI that no id or
+/// query value of this API can match: a path that decodes to a NUL character
+/// or to bytes that are not UTF-8, and a query holding a NUL. PostgreSQL
+/// cannot store NUL in text, so looking such an id up failed with a 500, and
+/// axum's own rejection of a non-UTF-8 path parameter is a plain-text 400. A
+/// path answers 404 (as any unknown id), a query 422.
+async fn refuse_undecodable_uri(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let uri = request.uri();
+    let path = percent_decode(uri.path());
+    if path.contains(&0) || std::str::from_utf8(&path).is_err() {
+        return ApiError::NotFound("Not Found".into()).into_response();
+    }
+    if let Some(query) = uri.query()
+        && percent_decode(query).contains(&0)
+    {
+        let error = error::FieldError::new(
+            "value_error",
+            ["query".into()],
+            "query parameters must not contain NUL characters",
+            query.into(),
+        );
+        return ApiError::Validation(vec![error]).into_response();
+    }
+    next.run(request).await
+}
+
+/// `%XY` sequences decoded, anything else (a stray `%` included) kept as is,
+/// as axum decodes path parameters.
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let hex = |i: usize| bytes.get(i).and_then(|b| char::from(*b).to_digit(16));
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    decoded
 }
 
 async fn not_found() -> ApiError {
@@ -194,4 +288,18 @@ pub async fn health(State(state): State<AppState>) -> Response {
         error,
     };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding_keeps_what_is_not_an_escape() {
+        assert_eq!(percent_decode("a%00b"), b"a\0b");
+        assert_eq!(percent_decode("%FF%fe/x"), b"\xff\xfe/x");
+        assert_eq!(percent_decode("100%"), b"100%");
+        assert_eq!(percent_decode("%zz%4"), b"%zz%4");
+        assert_eq!(percent_decode("%2525"), b"%25");
+    }
 }

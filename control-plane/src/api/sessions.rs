@@ -577,6 +577,7 @@ pub async fn resume_session(
 
 /// Query of `GET /api/v1/sessions`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListSessionsQuery {
     /// Only this user's sessions (admins: anyone's; users: their own).
@@ -590,6 +591,15 @@ pub struct ListSessionsQuery {
     pub cursor: Option<String>,
     /// `active` (default, as the seed listed), `expired` or `all`.
     pub status: Option<String>,
+}
+
+/// What `GET /api/v1/sessions` answers: the seed's array of ids, or with
+/// `detail=true` a [`SessionPage`] (for the OpenAPI document).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum SessionListing {
+    Ids(Vec<String>),
+    Page(SessionPage),
 }
 
 /// A page of the detailed listing.
@@ -642,7 +652,7 @@ fn query_error(field: &str, msg: &str, input: Value) -> ApiError {
     get, path = "/api/v1/sessions", tag = "sessions",
     params(ListSessionsQuery),
     responses(
-        (status = 200, description = "Session ids (or a SessionPage with detail=true)", body = Vec<String>),
+        (status = 200, description = "Session ids (or a SessionPage with detail=true)", body = SessionListing),
         (status = 401, description = "Not authenticated", body = ErrorBody),
         (status = 403, description = "Another user's sessions", body = ErrorBody),
         (status = 422, description = "Bad query", body = ErrorBody),

@@ -36,6 +36,7 @@ fn user_not_found() -> ApiError {
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
     /// 1–64 of `[A-Za-z0-9_-]`; also the user's directory name.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub user_id: String,
     /// `user` (default) or `admin`.
     #[serde(default)]

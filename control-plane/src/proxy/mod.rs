@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ModelProxyConfig, Secret};
+use crate::metrics::Metrics;
 use crate::store::{self, ModelRequest, Store};
 use meter::ResponseMeter;
 
@@ -103,6 +104,7 @@ pub struct ModelProxy {
     rates: Mutex<HashMap<String, RateWindow>>,
     /// Audit writes in flight (waited for at shutdown).
     writes: TaskTracker,
+    metrics: Arc<Metrics>,
     addr: SocketAddr,
 }
 
@@ -123,7 +125,11 @@ pub enum ProxyError {
 
 impl ModelProxy {
     /// Binds the proxy's loopback listener.
-    pub async fn bind(config: &Config, store: Arc<dyn Store>) -> Result<(Arc<Self>, TcpListener), ProxyError> {
+    pub async fn bind(
+        config: &Config,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Arc<Self>, TcpListener), ProxyError> {
         let proxy = &config.model_proxy;
         let addr = format!("{}:{}", proxy.host, proxy.port);
         let listener =
@@ -147,6 +153,7 @@ impl ModelProxy {
             spend: Mutex::default(),
             rates: Mutex::default(),
             writes: TaskTracker::new(),
+            metrics,
             addr,
         });
         Ok((proxy, listener))
@@ -269,6 +276,9 @@ impl ModelProxy {
     /// Writes an audit row (in the background) and counts its cost and
     /// tokens against the user.
     fn record(self: &Arc<Self>, request: ModelRequest) {
+        let usage = &request.usage;
+        let refused = matches!(request.status, 401 | 403 | 429);
+        self.metrics.model_request(refused, usage.input_tokens, usage.output_tokens, usage.total_cost_usd);
         let tokens = u64::try_from(request.usage.input_tokens + request.usage.output_tokens).unwrap_or_default();
         if let Ok(mut spend) = self.spend.lock()
             && let Some((usd, _)) = spend.get_mut(&request.user_id)
