@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth;
 use crate::config::{Config, LogFormat};
-use crate::store::{self, Role, Store, StoreError, User};
+use crate::store::{self, Role, SessionStatus, Store, StoreError, User};
 
 #[derive(Debug, Parser)]
 #[command(name = "claude-agent-http", version, about = "Multi-tenant HTTP/SSE service hosting the Claude Code CLI")]
@@ -38,6 +38,29 @@ enum Command {
     Migrate,
     /// Validate the configuration and print the effective one, secrets masked.
     CheckConfig,
+    /// Manage sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// Check what the server needs (the CLI, the worker, Landlock, cgroups,
+    /// capabilities, the database) and say which sandbox mode it will run.
+    Doctor,
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsCommand {
+    /// List sessions (newest first).
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+        /// active (default), expired or all.
+        #[arg(long, default_value = "active")]
+        status: String,
+    },
+    /// Close a session: it answers 404 from then on and its history is purged.
+    Close { session_id: String },
+    /// Close every expired session.
+    PurgeExpired,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +137,134 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Users(command) => users(command, &*open_store(&config).await?).await,
         Command::Tokens(command) => tokens(command, &*open_store(&config).await?).await,
+        Command::Sessions(command) => sessions(command, &*open_store(&config).await?).await,
+        Command::Doctor => doctor(&config).await,
     }
+}
+
+/// Every session of a listing, page by page.
+async fn all_sessions(
+    store: &dyn Store,
+    user: Option<String>,
+    statuses: Vec<SessionStatus>,
+) -> anyhow::Result<Vec<store::Session>> {
+    let mut sessions = Vec::new();
+    let mut after = None;
+    loop {
+        let query = store::SessionQuery { user_id: user.clone(), statuses: statuses.clone(), after, limit: 1000 };
+        let page = store.list_sessions(&query).await?;
+        let full = page.len() == 1000;
+        after =
+            page.last().map(|s| store::SessionCursor { created_at: s.created_at, session_id: s.session_id.clone() });
+        sessions.extend(page);
+        if !full {
+            return Ok(sessions);
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn sessions(command: SessionsCommand, store: &dyn Store) -> anyhow::Result<()> {
+    match command {
+        SessionsCommand::List { user, status } => {
+            let statuses = match status.as_str() {
+                "active" => vec![SessionStatus::Active],
+                "expired" => vec![SessionStatus::Expired],
+                "all" => vec![SessionStatus::Active, SessionStatus::Expired],
+                other => anyhow::bail!("--status {other:?}: expected active, expired or all"),
+            };
+            println!("{:<36}  {:<24}  {:<7}  {:>5}  last_active_at", "session_id", "user_id", "status", "turns");
+            for s in all_sessions(store, user, statuses).await? {
+                println!(
+                    "{:<36}  {:<24}  {:<7}  {:>5}  {}",
+                    s.session_id,
+                    s.user_id,
+                    s.status.as_str(),
+                    s.message_count,
+                    s.last_active_at.to_rfc3339()
+                );
+            }
+        }
+        SessionsCommand::Close { session_id } => {
+            match store.get_session(&session_id).await? {
+                Some(s) if s.status != SessionStatus::Deleted => {}
+                _ => anyhow::bail!("no open or expired session {session_id}"),
+            }
+            store.set_session_status(&session_id, SessionStatus::Deleted, store::now()).await?;
+            println!("closed {session_id} (a running server stops its CLI at its next use or idle stop)");
+        }
+        SessionsCommand::PurgeExpired => {
+            let expired = all_sessions(store, None, vec![SessionStatus::Expired]).await?;
+            for s in &expired {
+                store.set_session_status(&s.session_id, SessionStatus::Deleted, store::now()).await?;
+            }
+            println!("closed {} expired sessions", expired.len());
+        }
+    }
+    Ok(())
+}
+
+/// One line of `doctor`: what, whether it is fine, and the detail.
+#[allow(clippy::print_stdout)]
+fn report(ok: bool, what: &str, detail: &str) -> bool {
+    println!("{}  {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+    ok
+}
+
+/// The kernel's Landlock ABI version, if Landlock is enabled.
+fn landlock_abi() -> Option<i64> {
+    // landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    let abi = unsafe { libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32) };
+    (abi > 0).then_some(abi)
+}
+
+#[allow(clippy::print_stdout)]
+async fn doctor(config: &Config) -> anyhow::Result<()> {
+    use crate::workers::{cgroup::CgroupManager, sandbox};
+    let mut healthy = true;
+    let cli = sandbox::cli_path(config);
+    let version = std::process::Command::new(&cli).arg("--version").env_clear().output();
+    healthy &= match version {
+        Ok(out) if out.status.success() => {
+            report(true, "Claude CLI", &format!("{} ({})", cli.display(), String::from_utf8_lossy(&out.stdout).trim()))
+        }
+        Ok(out) => report(false, "Claude CLI", &format!("{} exited with {}", cli.display(), out.status)),
+        Err(e) => report(false, "Claude CLI", &format!("{}: {e}", cli.display())),
+    };
+    let worker = sandbox::worker_path(config);
+    healthy &= report(worker.is_file(), "worker binary", &worker.display().to_string());
+    let min_abi = i64::from(config.sandbox.landlock_min_abi);
+    healthy &= match landlock_abi() {
+        Some(abi) => report(abi >= min_abi, "Landlock", &format!("ABI {abi} (at least {min_abi} required)")),
+        None => report(config.sandbox.best_effort.landlock, "Landlock", "not available in this kernel"),
+    };
+    let mode = sandbox::resolve_mode(config.sandbox.mode);
+    report(true, "sandbox mode", &format!("{mode:?} (configured {:?})", config.sandbox.mode));
+    report(true, "capabilities for the privileged mode", if sandbox::can_switch_uids() { "present" } else { "absent" });
+    healthy &= match CgroupManager::detect() {
+        Ok(Some(manager)) => {
+            let detail = format!("{:?} writable, controllers {}", manager.version(), manager.controllers().join(","));
+            manager.shutdown();
+            report(true, "cgroups", &detail)
+        }
+        Ok(None) | Err(_) if config.sandbox.best_effort.cgroup => {
+            report(true, "cgroups", "none writable; workers run without cgroup limits (best-effort)")
+        }
+        Ok(None) => report(false, "cgroups", "no writable hierarchy: delegate one or set sandbox.best_effort.cgroup"),
+        Err(e) => report(false, "cgroups", &e.to_string()),
+    };
+    healthy &= match store::open(&config.session.location()).await {
+        Ok(store) => match store.ping().await {
+            Ok(()) => report(true, "database", store.kind().as_str()),
+            Err(e) => report(false, "database", &e.to_string()),
+        },
+        Err(e) => report(false, "database", &e.to_string()),
+    };
+    if !healthy {
+        anyhow::bail!("some checks failed");
+    }
+    println!("all checks passed");
+    Ok(())
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {

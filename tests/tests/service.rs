@@ -305,3 +305,55 @@ async fn metrics_count_requests_by_route_and_every_answer_has_a_request_id() {
     assert!(text.contains("cah_workers 1"), "{text}");
     assert!(text.contains("cah_http_request_duration_seconds_bucket{route=\"/health\",le=\"+Inf\"} 2"), "{text}");
 }
+
+#[tokio::test]
+async fn admin_subcommands_list_and_close_sessions() {
+    let server = TestServer::start().await;
+    let config = server.dir.path().join("config.yaml");
+    let config = config.to_str().expect("utf-8");
+    let dir = server.dir.path();
+    let alice = server.user_with_token("alice").await;
+    let first = server.session(&alice, json!({})).await;
+    let second = server.session(&alice, json!({})).await;
+    let (code, listed, err) = run_cli(&["--config", config, "sessions", "list", "--user", "alice"], &[], dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(listed.contains(&first) && listed.contains(&second), "{listed}");
+    let (code, _, err) = run_cli(&["--config", config, "sessions", "close", &first], &[], dir);
+    assert_eq!(code, 0, "{err}");
+    server.get(&format!("/api/v1/sessions/{first}"), &alice).await.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let (code, _, err) = run_cli(&["--config", config, "sessions", "close", &first], &[], dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("no open or expired session"), "{err}");
+    let (code, _, err) = run_cli(&["--config", config, "sessions", "list", "--status", "bogus"], &[], dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("active, expired or all"), "{err}");
+    let (code, out, err) = run_cli(&["--config", config, "sessions", "purge-expired"], &[], dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("closed 0 expired sessions"), "{out}");
+}
+
+#[test]
+fn doctor_checks_what_the_server_needs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("doctor.db");
+    let env =
+        [("CLAUDE_AGENT_DATABASE_URL", db.to_str().expect("utf-8")), ("CLAUDE_AGENT_CLI_PATH", "/nonexistent/claude")];
+    let (code, out, err) = run_cli(&["doctor"], &env, dir.path());
+    assert_ne!(code, 0, "a missing CLI must fail the doctor: {out}");
+    assert!(out.contains("FAIL  Claude CLI: /nonexistent/claude"), "{out}");
+    // Everything else on this machine (root, Landlock, cgroups) is fine.
+    for check in
+        ["ok    worker binary", "ok    Landlock: ABI", "ok    cgroups", "ok    database: sqlite", "sandbox mode"]
+    {
+        assert!(out.contains(check), "{check} missing:\n{out}{err}");
+    }
+    let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../node_modules/@anthropic-ai/claude-code-linux-x64/claude");
+    let env = [
+        ("CLAUDE_AGENT_DATABASE_URL", db.to_str().expect("utf-8")),
+        ("CLAUDE_AGENT_CLI_PATH", cli.to_str().expect("utf-8")),
+    ];
+    let (code, out, err) = run_cli(&["doctor"], &env, dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("all checks passed") && out.contains("(Claude Code)"), "{out}");
+}
