@@ -437,8 +437,13 @@ macro_rules! impl_sql_store {
 
             async fn assign_uid(&self, user_id: &str, range: (i64, i64)) -> $crate::store::StoreResult<Option<i64>> {
                 // Lowest free uid above the highest taken one; the UNIQUE
-                // index settles a race between two servers (retry).
-                for _ in 0..5 {
+                // index settles a race between two servers (retry, with
+                // jitter so the losers do not collide again).
+                for attempt in 0..50u64 {
+                    if attempt > 0 {
+                        let jitter = rand::random::<u64>() % (1 + attempt.min(10) * 2);
+                        tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+                    }
                     let Some((current,)): Option<(Option<i64>,)> =
                         sqlx::query_as("SELECT uid FROM users WHERE user_id = $1")
                             .bind(user_id)

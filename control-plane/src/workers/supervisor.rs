@@ -216,6 +216,7 @@ pub struct Supervisor {
     /// The control plane's proxies (model, egress): the TCP ports every
     /// sandbox may reach.
     proxy_ports: Vec<u16>,
+    uid_allocation: tokio::sync::Mutex<()>,
     workers: tokio::sync::Mutex<HashMap<String, Arc<Worker>>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -258,6 +259,7 @@ impl Supervisor {
             base_dir,
             cgroups,
             proxy_ports,
+            uid_allocation: tokio::sync::Mutex::new(()),
             workers: tokio::sync::Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -358,6 +360,9 @@ impl Supervisor {
         }
         let sandbox = &self.config.sandbox;
         let range = (i64::from(sandbox.uid_min), i64::from(sandbox.uid_max));
+        // One allocation at a time in this server (users' first sessions
+        // arrive together); the store still settles races between servers.
+        let _one_at_a_time = self.uid_allocation.lock().await;
         let uid = self
             .store
             .assign_uid(user_id, range)
