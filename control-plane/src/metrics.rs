@@ -18,6 +18,10 @@ use axum::response::{IntoResponse, Response};
 use crate::app::AppState;
 use crate::store::SessionStatus;
 
+/// Store operations that failed (outage or internal error), counted where
+/// a store error becomes an API error, which has no access to the state.
+pub static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -52,8 +56,6 @@ pub struct Metrics {
     pub turns_failed: AtomicU64,
     /// Sandboxes (workers, CLIs) that could not be started.
     pub sandbox_failures: AtomicU64,
-    /// Store operations that failed (answered 503 or 500).
-    pub store_errors: AtomicU64,
     /// Model requests seen by the model proxy, and what they carried.
     pub model_requests: AtomicU64,
     pub model_refusals: AtomicU64,
@@ -127,7 +129,7 @@ impl Metrics {
         let _ = writeln!(out, "cah_turns_total{{outcome=\"error\"}} {}", load(&self.turns_failed));
         let counters = [
             ("cah_sandbox_failures_total", "Workers or CLIs that could not be started.", load(&self.sandbox_failures)),
-            ("cah_store_errors_total", "Store operations that failed.", load(&self.store_errors)),
+            ("cah_store_errors_total", "Store operations that failed.", load(&STORE_ERRORS)),
             ("cah_model_requests_total", "Model requests through the model proxy.", load(&self.model_requests)),
             ("cah_model_refusals_total", "Model requests refused (budget, rate limit).", load(&self.model_refusals)),
         ];

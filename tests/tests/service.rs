@@ -230,6 +230,9 @@ async fn health_is_503_while_postgres_refuses_connections_and_recovers() {
     let reply = server.get("/api/v1/sessions", &alice).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}\n{}", server.log());
     reply.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    let metrics = Reply::from(server.request(Method::GET, "/metrics", None).send().await).await;
+    let errors = metrics.text.lines().find_map(|l| l.strip_prefix("cah_store_errors_total ")).unwrap_or("0");
+    assert!(errors.parse::<u64>().is_ok_and(|n| n >= 1), "{}", metrics.text);
 
     postgres_exec(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true")).await;
     let mut recovered = false;
