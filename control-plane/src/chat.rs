@@ -108,6 +108,12 @@ pub fn control_request_line(subtype: &str) -> String {
     line
 }
 
+/// The final frame of a turn that failed without a CLI result, in the
+/// seed's frame shape (every key present, unused ones null).
+pub fn error_frame(message: &str) -> Value {
+    json!({"type": "error", "text": null, "tool_name": null, "tool_input": null, "error": message, "raw": null})
+}
+
 /// One SSE frame of a session, as sent: `id:` and the JSON `data:`.
 #[derive(Debug)]
 pub struct StreamFrame {
@@ -374,10 +380,7 @@ impl Drop for TurnGuard {
         self.conversation.touch();
         let unfinished = self.conversation.log().turn_start.is_some();
         if unfinished {
-            self.conversation.publish(&json!({
-                "type": "error", "text": null, "tool_name": null, "tool_input": null,
-                "error": "the turn ended without a result", "raw": null,
-            }));
+            self.conversation.publish(&error_frame("the turn ended without a result"));
         }
     }
 }
@@ -474,10 +477,9 @@ impl Conversations {
     pub fn close_all(&self) {
         for conversation in self.map().drain().map(|(_, c)| c) {
             if conversation.log().turn_start.is_some() {
-                conversation.publish(&json!({
-                    "type": "error", "text": null, "tool_name": null, "tool_input": null, "raw": null,
-                    "error": "the server is shutting down; the turn was stopped (reconnect later with Last-Event-ID)",
-                }));
+                conversation.publish(&error_frame(
+                    "the server is shutting down; the turn was stopped (reconnect later with Last-Event-ID)",
+                ));
             }
             conversation.close();
         }

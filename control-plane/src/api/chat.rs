@@ -157,11 +157,6 @@ pub(super) fn turn_error(error: TurnError) -> ApiError {
     }
 }
 
-/// The final frame of a turn that failed without a CLI result.
-fn error_frame(message: &str) -> Value {
-    frame("error", None, None, Some(message), &Value::Null)
-}
-
 /// Every `tool_use` block of the turn's assistant messages.
 fn tool_calls(messages: &[Value]) -> Vec<ToolCall> {
     messages
@@ -199,7 +194,7 @@ async fn published_turn(
     .await
     .map_err(turn_error);
     if let Err(error) = &result {
-        finals = vec![error_frame(&error.to_string())];
+        finals = vec![chat::error_frame(&error.to_string())];
     }
     turn.finish(&finals);
     result
