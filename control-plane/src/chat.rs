@@ -134,7 +134,19 @@ pub enum StreamItem {
         from: u64,
         resumed_at: u64,
     },
+    /// The last item of a stream whose reader fell so far behind that the
+    /// buffer dropped frames it had not read yet: it is cut, and reconnects
+    /// with `Last-Event-ID: last_delivered` (it gets a [`StreamItem::Gap`]
+    /// then). A reader never holds more than [`READ_BATCH`] frames, so a
+    /// slow or vanished client costs no memory beyond the session's buffer.
+    Lagged {
+        last_delivered: u64,
+        resumed_at: u64,
+    },
 }
+
+/// Frames a stream reader takes from the log at a time.
+const READ_BATCH: usize = 64;
 
 /// Bounds of a session's frame log.
 #[derive(Debug, Clone, Copy)]
@@ -177,12 +189,13 @@ impl FrameLog {
         id
     }
 
-    /// Frames with id ≥ `from`, and whether some of those are gone.
-    fn read(&self, from: u64) -> (Option<StreamItem>, Vec<Arc<StreamFrame>>) {
+    /// Up to [`READ_BATCH`] frames with id ≥ `from`, and where the buffer
+    /// resumes if some of those are gone.
+    fn read(&self, from: u64) -> (Option<u64>, Vec<Arc<StreamFrame>>) {
         let oldest = self.frames.front().map_or(self.next_id, |f| f.id);
-        let gap = (from < oldest).then_some(StreamItem::Gap { from, resumed_at: oldest });
+        let resumed_at = (from < oldest).then_some(oldest);
         let skip = self.frames.partition_point(|f| f.id < from);
-        (gap, self.frames.iter().skip(skip).cloned().collect())
+        (resumed_at, self.frames.iter().skip(skip).take(READ_BATCH).cloned().collect())
     }
 }
 
@@ -301,32 +314,37 @@ impl Conversation {
     /// first if some are gone), then live ones. With `follow` it goes on
     /// across turns until the session is gone; without, it ends after the
     /// first final frame (`done`/`error`), or at once when no turn runs and
-    /// nothing is left to read.
+    /// nothing is left to read. A reader that falls behind the buffer after
+    /// its first read is cut with [`StreamItem::Lagged`].
     pub fn frames(self: Arc<Self>, from: u64, follow: bool) -> impl futures::Stream<Item = StreamItem> + Send {
         let receiver = self.published.subscribe();
-        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false);
+        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false, true);
         futures::stream::unfold(
             state,
-            move |(conversation, mut receiver, mut from, mut pending, mut done)| async move {
+            move |(conversation, mut receiver, mut from, mut pending, mut done, first_read)| async move {
                 loop {
                     if let Some(item) = pending.pop_front() {
-                        return Some((item, (conversation, receiver, from, pending, done)));
+                        return Some((item, (conversation, receiver, from, pending, done, false)));
                     }
                     if done {
                         return None;
                     }
                     receiver.borrow_and_update();
-                    let (gap, frames, running, closed) = {
+                    let (resumed_at, frames, running, closed) = {
                         let log = conversation.log();
                         // An id from the future (a client's invention) reads as "now".
                         from = from.min(log.next_id);
-                        let (gap, frames) = log.read(from);
-                        (gap, frames, log.turn_start.is_some(), log.closed)
+                        let (resumed_at, frames) = log.read(from);
+                        (resumed_at, frames, log.turn_start.is_some(), log.closed)
                     };
-                    if let Some(StreamItem::Gap { resumed_at, .. }) = &gap {
-                        from = *resumed_at;
+                    if let Some(resumed_at) = resumed_at {
+                        if !first_read {
+                            let lagged = StreamItem::Lagged { last_delivered: from.saturating_sub(1), resumed_at };
+                            return Some((lagged, (conversation, receiver, from, pending, true, false)));
+                        }
+                        pending.push_back(StreamItem::Gap { from, resumed_at });
+                        from = resumed_at;
                     }
-                    pending.extend(gap);
                     for frame in frames {
                         from = frame.id + 1;
                         let end = frame.terminal && !follow;

@@ -22,6 +22,29 @@ use crate::store::SessionStatus;
 /// a store error becomes an API error, which has no access to the state.
 pub static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
+/// SSE responses being sent now (a client that vanished counts until the
+/// server notices: its next write fails).
+pub static SSE_STREAMS_OPEN: AtomicU64 = AtomicU64::new(0);
+/// SSE streams cut because their reader fell behind the session's buffer.
+pub static SSE_STREAMS_LAGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts an SSE response in [`SSE_STREAMS_OPEN`] while it lives.
+#[derive(Debug)]
+pub struct OpenStream(());
+
+impl OpenStream {
+    pub fn counted() -> Self {
+        SSE_STREAMS_OPEN.fetch_add(1, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        SSE_STREAMS_OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -132,6 +155,7 @@ impl Metrics {
             ("cah_store_errors_total", "Store operations that failed.", load(&STORE_ERRORS)),
             ("cah_model_requests_total", "Model requests through the model proxy.", load(&self.model_requests)),
             ("cah_model_refusals_total", "Model requests refused (budget, rate limit).", load(&self.model_refusals)),
+            ("cah_sse_streams_lagged_total", "SSE streams cut: the reader fell behind.", load(&SSE_STREAMS_LAGGED)),
         ];
         for (name, help, value) in counters {
             head(&mut out, name, "counter", help);
@@ -170,6 +194,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         ("cah_sessions_open", "Open (active) sessions.", open),
         ("cah_cli_processes_warm", "CLI processes running (warm).", warm),
         ("cah_workers", "Confined workers running (one per active user).", workers),
+        ("cah_sse_streams_open", "SSE responses being sent.", SSE_STREAMS_OPEN.load(Ordering::Relaxed) as f64),
         ("cah_uptime_seconds", "Seconds since the server started.", state.started.elapsed().as_secs_f64()),
     ];
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()

@@ -328,3 +328,152 @@ async fn reconnect_follow(server: &TestServer, token: &str, session: &str) -> re
     assert_eq!(response.status(), StatusCode::OK);
     response
 }
+
+/// A raw HTTP/1.1 client on a socket with a tiny receive buffer, so the
+/// server cannot push much ahead of what it reads: the slowest consumer.
+async fn raw_stream(server: &TestServer, token: &str, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address: std::net::SocketAddr = server.base_url.trim_start_matches("http://").parse().expect("server address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(2048).expect("SO_RCVBUF");
+    let mut stream = socket.connect(address).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    stream
+}
+
+/// The SSE events of a whole raw HTTP/1.1 response (chunked body).
+fn events_of_raw_response(raw: &[u8]) -> Vec<SseEvent> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, mut body) = text.split_once("\r\n\r\n").expect("response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut decoded = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        decoded.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("chunk end");
+    }
+    decoded
+        .split("\n\n")
+        .filter_map(|block| {
+            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
+            let data = block.lines().find_map(|l| l.strip_prefix("data:"))?;
+            Some(SseEvent { id, data: serde_json::from_str(data.trim()).expect("frame"), at: Duration::ZERO })
+        })
+        .collect()
+}
+
+async fn metric(server: &TestServer, name: &str) -> f64 {
+    let metrics = Reply::from(server.request(Method::GET, "/metrics", None).send().await).await;
+    let line = metrics.text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(str::to_owned);
+    line.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing:\n{}", metrics.text))
+}
+
+async fn wait_metric(server: &TestServer, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(server, name).await != value {
+        assert!(Instant::now() < deadline, "{name} never became {value}\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_reading_one_byte_a_second_is_cut_and_resumes_with_last_event_id() {
+    use tokio::io::AsyncReadExt;
+    const BUFFER: usize = 40;
+    let mock = MockModel::start().await.expect("mock");
+    let config = ServerConfig::default().env("CLAUDE_AGENT_API__STREAM_BUFFER_EVENTS", BUFFER.to_string());
+    let server = start(&mock, config).await;
+    let alice = server.user_with_token("alice").await;
+    let bob = server.user_with_token("bob").await;
+    let session = server.session(&alice, json!({})).await;
+    let other = server.session(&bob, json!({})).await;
+
+    let mut slow = raw_stream(&server, &alice, &format!("/api/v1/sessions/{session}/stream?follow=true")).await;
+    wait_metric(&server, "cah_sse_streams_open", 1.0).await;
+    // About 3,000 frames, far more than the buffer and the sockets hold.
+    let reply = "0123456789".repeat(600);
+    let message = format!("mock:slow 0 3000\nmock:reply {reply}");
+    let turn = tokio::spawn({
+        let (server_url, client, alice, session) =
+            (server.base_url.clone(), server.client.clone(), alice.clone(), session.clone());
+        async move {
+            let body = json!({"session_id": session, "message": message, "timeout": 120});
+            let response = client.post(format!("{server_url}/api/v1/chat")).bearer_auth(alice).json(&body).send();
+            Reply::from(response.await).await
+        }
+    });
+    // One byte a second while the turn runs; another user's session works
+    // normally meanwhile.
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !turn.is_finished() {
+        let started = Instant::now();
+        let reply = server.chat(&bob, &other, "hello while someone reads slowly").await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert!(started.elapsed() < Duration::from_secs(20), "another session was slowed down");
+        if slow.read(&mut byte).await.expect("read") == 1 {
+            received.push(byte[0]);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let result = turn.await.expect("turn");
+    assert_eq!(result.status, StatusCode::OK, "{result:?}");
+    assert_eq!(result.body["text"], reply.as_str(), "the turn itself is complete");
+
+    // The slow reader gets what was on its way, then a final `lagged` frame.
+    let read_rest = slow.read_to_end(&mut received);
+    tokio::time::timeout(Duration::from_secs(30), read_rest).await.expect("the cut stream ends").expect("read");
+    let events = events_of_raw_response(&received);
+    let (last, delivered) = events.split_last().expect("events");
+    assert_eq!(last.kind(), "lagged", "{last:?}");
+    assert!(!delivered.iter().any(|e| e.kind() == "done"), "the lagging reader did not get to the end");
+    let ids: Vec<u64> = delivered.iter().map(SseEvent::id_number).collect();
+    assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1), "in order, without holes: {ids:?}");
+    let last_delivered = *ids.last().expect("some frames were delivered");
+    assert_eq!(last.data["last_event_id"], last_delivered, "{last:?}");
+    assert!(last.data["error"].as_str().is_some_and(|e| e.contains("Last-Event-ID")), "{last:?}");
+    assert_eq!(metric(&server, "cah_sse_streams_lagged_total").await, 1.0);
+    wait_metric(&server, "cah_sse_streams_open", 0.0).await;
+
+    // Reconnecting with that id: a gap, then the rest up to `done`.
+    let resumed =
+        read_sse(reconnect(&server, &alice, &session, Some(&last_delivered.to_string())).await, |_| false).await;
+    assert_eq!(resumed[0].kind(), "gap", "{:?}", &resumed[..2]);
+    assert_eq!(resumed[1].id_number(), resumed[0].data["resumed_at"].as_u64().expect("resumed_at"));
+    assert!(resumed.len() <= BUFFER + 1, "only the buffer is replayed: {}", resumed.len());
+    assert_eq!(resumed.last().map(SseEvent::kind), Some("done"));
+}
+
+#[tokio::test]
+async fn a_consumer_that_vanishes_mid_turn_is_let_go() {
+    use tokio::io::AsyncReadExt;
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let mut stream = raw_stream(&server, &alice, &format!("/api/v1/sessions/{session}/stream?follow=true")).await;
+    wait_metric(&server, "cah_sse_streams_open", 1.0).await;
+    let turn = tokio::spawn({
+        let (url, client, alice, session) =
+            (server.base_url.clone(), server.client.clone(), alice.clone(), session.clone());
+        async move {
+            let body = json!({"session_id": session, "message": "mock:slow 100 30\nmock:reply a reply in thirty parts, told slowly", "timeout": 120});
+            Reply::from(client.post(format!("{url}/api/v1/chat")).bearer_auth(alice).json(&body).send().await).await
+        }
+    });
+    let mut first = [0u8; 256];
+    assert!(stream.read(&mut first).await.expect("read") > 0);
+    drop(stream);
+    let reply = turn.await.expect("turn");
+    assert_eq!(reply.status, StatusCode::OK, "the turn does not depend on its watchers: {reply:?}");
+    // The server lets go of the dead connection at its next write.
+    wait_metric(&server, "cah_sse_streams_open", 0.0).await;
+    assert_eq!(server.chat(&alice, &session, "still there?").await.status, StatusCode::OK);
+}

@@ -332,7 +332,9 @@ pub async fn chat_stream(
 /// buffering.
 fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static) -> Response {
     use futures::StreamExt;
-    let events = frames.map(|item| {
+    let open = crate::metrics::OpenStream::counted();
+    let events = frames.map(move |item| {
+        let _counted_while_the_stream_lives = &open;
         Ok::<_, Infallible>(match item {
             StreamItem::Frame(frame) => Event::default().id(frame.id.to_string()).data(frame.data.as_str()),
             StreamItem::Gap { from, resumed_at } => {
@@ -344,6 +346,18 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
                 let mut gap = frame("gap", None, None, Some(&message), &Value::Null);
                 gap["resumed_at"] = resumed_at.into();
                 Event::default().data(gap.to_string())
+            }
+            StreamItem::Lagged { last_delivered, resumed_at } => {
+                crate::metrics::SSE_STREAMS_LAGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let message = format!(
+                    "this stream fell behind the session's event buffer and is closed; reconnect to \
+                     GET /api/v1/sessions/{{id}}/stream with Last-Event-ID: {last_delivered} \
+                     (events before id {resumed_at} are no longer buffered)"
+                );
+                let mut lagged = frame("lagged", None, None, Some(&message), &Value::Null);
+                lagged["last_event_id"] = last_delivered.into();
+                lagged["resumed_at"] = resumed_at.into();
+                Event::default().data(lagged.to_string())
             }
         })
     });
