@@ -360,3 +360,206 @@ fn doctor_checks_what_the_server_needs() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("all checks passed") && out.contains("(Claude Code)"), "{out}");
 }
+
+/// Every answer during a storage fault: a success, or 503 with the JSON
+/// error body; never a 500, a hang or a 401 for a valid token.
+fn assert_ok_or_unavailable(reply: &Reply, what: &str) -> bool {
+    if reply.status.is_success() {
+        return true;
+    }
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {reply:?}");
+    assert_eq!(reply.body["code"], "unavailable", "{what}: {reply:?}");
+    false
+}
+
+#[tokio::test]
+async fn postgres_connections_killed_during_traffic_give_503_then_recover_with_nothing_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let database = unique_name("cah_kill");
+    postgres_exec(&format!("CREATE DATABASE {database}")).await;
+    let url = POSTGRES_URL.replace("/test", &format!("/{database}"));
+    let server = Arc::new(TestServer::start_with(ServerConfig::default().env("CLAUDE_AGENT_DATABASE_URL", url)).await);
+    let admin = server.admin_token.clone();
+    let mut acknowledged = Vec::new();
+    for n in 0..5 {
+        let user = format!("before-{n}");
+        let created = server.post("/api/v1/users", &admin, json!({"user_id": user})).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+        acknowledged.push(user);
+    }
+
+    // Four clients write (create a user) and read (get one back) in a loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (server, admin, stop) = (server.clone(), admin.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut written, mut failures, mut last_ok) = (Vec::new(), 0, Instant::now());
+                for n in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let user = format!("during-{client}-{n}");
+                    let created = server.post("/api/v1/users", &admin, json!({"user_id": user})).await;
+                    if assert_ok_or_unavailable(&created, "create") {
+                        written.push(user.clone());
+                        let read = server.get(&format!("/api/v1/users/{user}"), &admin).await;
+                        if assert_ok_or_unavailable(&read, "read") {
+                            last_ok = Instant::now();
+                        } else {
+                            failures += 1;
+                        }
+                    } else {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                (written, failures, last_ok)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..3 {
+        postgres_exec(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        ))
+        .await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let last_kill = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = 0;
+    for client in clients {
+        let (written, failed, last_ok) = client.await.expect("client");
+        assert!(last_ok > last_kill, "a client never succeeded after the last kill: the pool did not recover");
+        failures += failed;
+        acknowledged.extend(written);
+    }
+    eprintln!("{} writes acknowledged, {failures} requests answered 503", acknowledged.len());
+    // Every acknowledged write is still there.
+    let listed = server.get("/api/v1/users", &admin).await;
+    assert_eq!(listed.status, StatusCode::OK, "{listed:?}");
+    let ids: std::collections::HashSet<&str> =
+        listed.body.as_array().expect("users").iter().filter_map(|u| u["user_id"].as_str()).collect();
+    let lost: Vec<&String> = acknowledged.iter().filter(|u| !ids.contains(u.as_str())).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    drop(server);
+    postgres_exec(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).await;
+}
+
+/// A small ext4 file system on a loop device, mounted for one test (the
+/// tests run as root), so the database's disk can be filled up or turned
+/// read-only under the running server the way the kernel does it after an
+/// I/O error (`errors=remount-ro`).
+struct SmallFileSystem {
+    image: std::path::PathBuf,
+    mount_point: std::path::PathBuf,
+}
+
+fn run(program: &str, args: &[&std::ffi::OsStr]) {
+    let output = std::process::Command::new(program).args(args).output().expect(program);
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+impl SmallFileSystem {
+    fn create(dir: &std::path::Path) -> Self {
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image).and_then(|f| f.set_len(64 << 20)).expect("image");
+        run("mkfs.ext4", &["-q".as_ref(), image.as_os_str()]);
+        let disk = Self { image, mount_point: dir.join("disk") };
+        std::fs::create_dir_all(&disk.mount_point).expect("mount point");
+        disk.mount();
+        disk
+    }
+
+    fn mount(&self) {
+        run(
+            "mount",
+            &["-o".as_ref(), "loop,errors=remount-ro".as_ref(), self.image.as_os_str(), self.mount_point.as_os_str()],
+        );
+    }
+
+    fn unmount(&self) {
+        run("umount", &[self.mount_point.as_os_str()]);
+    }
+
+    /// The kernel's reaction to a metadata error: the file system turns
+    /// read-only under its open files.
+    fn fail_read_only(&self) {
+        let output = std::process::Command::new("findmnt").args(["-n", "-o", "SOURCE"]).arg(&self.mount_point).output();
+        let device = String::from_utf8(output.expect("findmnt").stdout).expect("utf-8");
+        let name = device.trim().rsplit('/').next().expect("device name").to_owned();
+        std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1").expect("trigger_fs_error");
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.mount_point.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        while file.write_all(&[0u8; 512]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallFileSystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.mount_point).status();
+    }
+}
+
+async fn create_user(server: &TestServer, user: &str) -> Reply {
+    server.post("/api/v1/users", &server.admin_token, json!({"user_id": user})).await
+}
+
+async fn user_exists(server: &TestServer, user: &str) -> bool {
+    let reply = server.get(&format!("/api/v1/users/{user}"), &server.admin_token).await;
+    assert!(reply.status == StatusCode::OK || reply.status == StatusCode::NOT_FOUND, "{reply:?}");
+    reply.status == StatusCode::OK
+}
+
+#[tokio::test]
+async fn sqlite_on_a_full_or_read_only_disk_gives_503_and_keeps_what_it_acknowledged() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let disk = SmallFileSystem::create(scratch.path());
+    let database = disk.mount_point.join("sessions.db");
+    let config = ServerConfig::default().env("CLAUDE_AGENT_SESSION_SQLITE_PATH", database.to_str().expect("utf-8"));
+    let mut server = TestServer::start_with(config.clone()).await;
+    assert_eq!(create_user(&server, "before").await.status, StatusCode::CREATED);
+
+    let filler = disk.fill();
+    let full = create_user(&server, "while-full").await;
+    full.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(!full.text.contains(database.to_str().expect("utf-8")), "no paths in the body: {}", full.text);
+    assert!(user_exists(&server, "before").await, "reads still work");
+    std::fs::remove_file(filler).expect("free the disk");
+    // ext4 reuses freed blocks once the journal has committed the delete.
+    run("sync", &[disk.mount_point.as_os_str()]);
+    assert_eq!(create_user(&server, "after-full").await.status, StatusCode::CREATED, "{}", server.log());
+
+    disk.fail_read_only();
+    create_user(&server, "while-read-only").await.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(user_exists(&server, "after-full").await, "reads still work");
+    assert!(server.terminate().await.success(), "{}", server.log());
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    drop(server);
+
+    // The operator's repair: unmount, check, mount again.
+    disk.unmount();
+    let _ = std::process::Command::new("e2fsck").arg("-fy").arg(&disk.image).output().expect("e2fsck");
+    disk.mount();
+    let server = TestServer::start_with(config).await;
+    assert_eq!(create_user(&server, "after-repair").await.status, StatusCode::CREATED, "{}", server.log());
+    for user in ["before", "after-full", "after-repair"] {
+        assert!(user_exists(&server, user).await, "{user} lost");
+    }
+    assert!(!user_exists(&server, "while-read-only").await);
+    drop(server);
+    drop(disk);
+}
