@@ -12,9 +12,10 @@ say "toolchain"
 command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
 cargo --version
 
-say "tools the tests run (bash, git, rg, curl inside workers; jq for the curl example)"
-if ! command -v rg >/dev/null || ! command -v git >/dev/null || ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq ripgrep git curl jq
+say "tools the tests run (bash, git, rg, curl inside workers; jq for the curl example; a Compose client for \`config\`)"
+if ! command -v rg >/dev/null || ! command -v git >/dev/null || ! command -v curl >/dev/null \
+  || ! command -v jq >/dev/null || ! { docker compose version || command -v docker-compose; } >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq ripgrep git curl jq docker-compose
 fi
 
 say "Claude CLI (pinned in package.json / package-lock.json)"

@@ -78,9 +78,9 @@ pub struct ServerConfig {
     pub file_capabilities: bool,
 }
 
-/// The file capabilities `deploy/Dockerfile` gives the server and the worker.
+/// The file capabilities `deploy/Dockerfile` gives the server (the worker
+/// binary has none: the server hands them over as ambient capabilities).
 pub const SERVER_CAPABILITIES: &str = "cap_chown,cap_dac_override,cap_fowner,cap_setgid,cap_setuid,cap_setpcap+ep";
-pub const WORKER_CAPABILITIES: &str = "cap_setgid,cap_setuid,cap_setpcap+ep";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -600,18 +600,24 @@ pub async fn wait_for_model_request(mock: &mock_model::MockServer, needle: &str,
     false
 }
 
-/// Copies of the server and worker under `<root>/bin` (root-owned, 0755)
-/// with the file capabilities of the Docker image; the server's path.
+/// Copies of the server and worker under `<root>/bin` (root-owned, 0755),
+/// the server with the file capabilities of the Docker image and the worker
+/// with none, as in the image; the server's path.
 fn capable_binaries(root: &Path) -> PathBuf {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).expect("bin dir");
     set_mode(&bin, 0o755);
-    for (name, caps) in [("claude-agent-http", SERVER_CAPABILITIES), ("claude-agent-worker", WORKER_CAPABILITIES)] {
+    for name in ["claude-agent-http", "claude-agent-worker"] {
         let copy = bin.join(name);
         std::fs::copy(binary_path(name), &copy).expect("copy binary");
         set_mode(&copy, 0o755);
-        let status = std::process::Command::new("setcap").arg(caps).arg(&copy).status();
-        assert!(status.is_ok_and(|s| s.success()), "setcap {caps} {} failed (libcap2-bin)", copy.display());
     }
-    bin.join("claude-agent-http")
+    let server = bin.join("claude-agent-http");
+    let status = std::process::Command::new("setcap").arg(SERVER_CAPABILITIES).arg(&server).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "setcap {SERVER_CAPABILITIES} {} failed (libcap2-bin)",
+        server.display()
+    );
+    server
 }

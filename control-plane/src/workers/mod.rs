@@ -3,5 +3,6 @@
 //! stops them. The worker binary itself is `worker/`.
 
 pub mod cgroup;
+pub mod handoff;
 pub mod sandbox;
 pub mod supervisor;

@@ -63,7 +63,7 @@ pub fn resolve_mode(configured: SandboxMode) -> SandboxMode {
 /// gives each user's directory to the user's uid (CAP_CHOWN) and still
 /// creates sessions' directories inside it (CAP_DAC_OVERRIDE, CAP_FOWNER);
 /// the worker switches uids (CAP_SETUID, CAP_SETGID, CAP_SETPCAP; a non-root
-/// server's exec drops them, so the worker binary carries its own).
+/// server hands them to it as ambient capabilities, `handoff.rs`).
 pub fn can_switch_uids() -> bool {
     if rustix::process::geteuid().is_root() {
         return true;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::cgroup::{CgroupLimits, CgroupManager, UserCgroup};
+use super::handoff::AmbientHandoff;
 use super::sandbox;
 use crate::config::{Config, SandboxMode};
 use crate::store::Store;
@@ -431,6 +432,8 @@ impl Supervisor {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| SupervisorError::Start(format!("socketpair: {e}")))?;
         let theirs_fd = theirs.as_raw_fd();
+        let handoff = AmbientHandoff::of_this_process()
+            .map_err(|e| SupervisorError::Start(format!("reading the server's capabilities: {e}")))?;
         let mut command = tokio::process::Command::new(sandbox::worker_path(&self.config));
         command.env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         // Between fork and exec only async-signal-safe calls: put our end...
@@ -443,6 +446,11 @@ impl Supervisor {
                     }
                 } else if libc::dup2(theirs_fd, shared::protocol::CONTROL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // ...and a non-root server's capabilities, which the worker
+                // needs to switch to the user's uid (it drops them all).
+                if let Some(handoff) = &handoff {
+                    handoff.apply()?;
                 }
                 Ok(())
             });
