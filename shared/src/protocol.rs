@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts (a CLI output line can carry a whole
 /// tool result).
@@ -78,6 +78,14 @@ pub struct ProcessSpec {
     pub cwd: PathBuf,
     /// The whole environment (the worker starts from an empty one).
     pub env: Vec<(String, String)>,
+    /// `cgroup.procs` files of the session's cgroup, which the process
+    /// writes itself into before it executes the program (each must lie in
+    /// one of [`LandlockConfig::own_cgroup_dirs`]). Under cgroup v1 only
+    /// root or the same uid may move a process, so a non-root server cannot
+    /// move its users' CLIs (another uid); a process may always move itself
+    /// where the file lets it write.
+    #[serde(default)]
+    pub join_cgroups: Vec<PathBuf>,
 }
 
 /// Everything a worker needs to confine itself and run its user's CLIs.
@@ -118,6 +126,12 @@ pub struct LandlockConfig {
     pub read_write_files: Vec<PathBuf>,
     /// TCP ports connect() may reach; binding is never allowed.
     pub tcp_connect_ports: Vec<u16>,
+    /// The user's own cgroup directories (privileged mode only), where
+    /// files may be written (no other right): the control plane hands only
+    /// the `cgroup.procs` of the user's session cgroups to the user's uid,
+    /// every other file there stays the server's.
+    #[serde(default)]
+    pub own_cgroup_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -80,7 +80,8 @@ pub struct ServerConfig {
 
 /// The file capabilities `deploy/Dockerfile` gives the server (the worker
 /// binary has none: the server hands them over as ambient capabilities).
-pub const SERVER_CAPABILITIES: &str = "cap_chown,cap_dac_override,cap_fowner,cap_setgid,cap_setuid,cap_setpcap+ep";
+pub const SERVER_CAPABILITIES: &str =
+    "cap_chown,cap_dac_override,cap_fowner,cap_kill,cap_setgid,cap_setuid,cap_setpcap+ep";
 
 impl Default for ServerConfig {
     fn default() -> Self {

@@ -501,3 +501,42 @@ fn compose_files_pass_compose_config() {
         assert!(stderr.contains("ANTHROPIC_API_KEY") || stderr.contains("CLAUDE_AGENT_ADMIN_TOKEN"), "{stderr}");
     }
 }
+
+/// The non-root red-team test gives the server copy exactly the image's file
+/// capabilities, and compose and Kubernetes keep each of them in the
+/// container's bounding set (else the kernel refuses to execute the server).
+#[test]
+fn the_image_the_compose_file_and_the_manifests_agree_on_capabilities() {
+    let deploy = repo().join("deploy");
+    let read = |name: &str| std::fs::read_to_string(deploy.join(name)).expect(name);
+    let dockerfile = read("Dockerfile");
+    let setcap = dockerfile
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("setcap ").and_then(|rest| rest.split_whitespace().next()))
+        .expect("a setcap line in deploy/Dockerfile");
+    assert_eq!(setcap, integration_tests::SERVER_CAPABILITIES, "the tests must run what the image runs");
+    let setcap_lines = dockerfile.lines().filter(|line| line.trim().starts_with("setcap ")).count();
+    assert_eq!(setcap_lines, 1, "only the server binary carries file capabilities");
+    let names: BTreeSet<String> =
+        setcap.trim_end_matches("+ep").split(',').map(|cap| cap.trim_start_matches("cap_").to_uppercase()).collect();
+    let compose = read("docker-compose.yml");
+    let compose_adds: BTreeSet<String> = compose
+        .split("cap_add:")
+        .nth(1)
+        .expect("cap_add in docker-compose.yml")
+        .lines()
+        .skip(1)
+        .map_while(|line| line.trim().strip_prefix("- ").map(str::to_owned))
+        .collect();
+    assert_eq!(compose_adds, names, "docker-compose.yml cap_add");
+    let statefulset = read("k8s/statefulset.yaml");
+    let k8s_adds: BTreeSet<String> = statefulset
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("add: "))
+        .expect("capabilities.add in the StatefulSet")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|cap| cap.trim().trim_matches('"').to_owned())
+        .collect();
+    assert_eq!(k8s_adds, names, "deploy/k8s/statefulset.yaml capabilities.add");
+}

@@ -75,6 +75,9 @@ pub fn prepare(config: &LandlockConfig, user_dir: &Path) -> Result<Prepared, Con
         created = created.add_rule(beneath(&path, read_write, abi)?).map_err(fail)?;
     }
     created = created.add_rule(beneath(user_dir, read_write, abi)?).map_err(fail)?;
+    for path in existing(&config.own_cgroup_dirs) {
+        created = created.add_rule(beneath(&path, AccessFs::WriteFile.into(), abi)?).map_err(fail)?;
+    }
     if abi >= ABI::V4 {
         for port in &config.tcp_connect_ports {
             created = created.add_rule(NetPort::new(*port, AccessNet::ConnectTcp)).map_err(fail)?;

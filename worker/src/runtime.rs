@@ -165,6 +165,7 @@ fn start(
     if !cwd.starts_with(&config.user_dir) {
         return Err(std::io::Error::other(format!("{} is outside the user's directory", cwd.display())));
     }
+    let join_cgroups = session_cgroup_files(&spec, config)?;
     let mut command = Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -176,11 +177,21 @@ fn start(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    // Only an async-signal-safe syscall between fork and exec.
+    // Only async-signal-safe syscalls between fork and exec.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Into the session's cgroup where the file lets us; where it
+            // does not (cgroup v2 needs the common ancestor's file), the
+            // control plane moves the process after `Started`.
+            for path in &join_cgroups {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, c"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
             }
             Ok(())
         });
@@ -195,6 +206,24 @@ fn start(
     }
     tokio::spawn(supervise(session_id.to_owned(), child, outbox.clone(), exits.clone()));
     Ok(Running { pgid: pid as i32, stdin: stdin_tx })
+}
+
+/// The session cgroup files a CLI joins itself: only `cgroup.procs` files
+/// beneath the user's own cgroup directories.
+fn session_cgroup_files(spec: &ProcessSpec, config: &WorkerConfig) -> std::io::Result<Vec<std::ffi::CString>> {
+    use std::os::unix::ffi::OsStrExt;
+    spec.join_cgroups
+        .iter()
+        .map(|path| {
+            let inside = config.landlock.own_cgroup_dirs.iter().any(|dir| path.starts_with(dir) && path != dir);
+            let no_dots =
+                path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+            if !inside || !no_dots || path.file_name() != Some("cgroup.procs".as_ref()) {
+                return Err(std::io::Error::other(format!("{} is not a session cgroup of this user", path.display())));
+            }
+            std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
+        })
+        .collect()
 }
 
 async fn feed_stdin(mut stdin: ChildStdin, mut lines: mpsc::UnboundedReceiver<String>) {

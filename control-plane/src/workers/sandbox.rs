@@ -163,6 +163,13 @@ pub fn worker_config(
             read_only,
             read_write_files: DEVICES.iter().map(PathBuf::from).collect(),
             tcp_connect_ports: sandbox.tcp_ports(proxy_ports),
+            // With its own uid, the user may write only what the server
+            // hands to that uid there (its sessions' `cgroup.procs`); with
+            // the server's uid it could write its own limits, so nothing.
+            own_cgroup_dirs: match drop_to {
+                Some(_) => cgroup_procs.iter().filter_map(|p| p.parent().map(Path::to_path_buf)).collect(),
+                None => Vec::new(),
+            },
         },
         seccomp: SeccompConfig {
             enabled: true,
@@ -278,5 +285,5 @@ pub fn cli_spec(
     if !privileged && rustix::process::geteuid().is_root() {
         env.push(("IS_SANDBOX".to_owned(), "1".to_owned()));
     }
-    ProcessSpec { program: cli_path(config), args, cwd: PathBuf::from(&session.cwd), env }
+    ProcessSpec { program: cli_path(config), args, cwd: PathBuf::from(&session.cwd), env, join_cgroups: Vec::new() }
 }

@@ -125,7 +125,13 @@ impl Worker {
                     // it (processes forked before this stay in the user's).
                     if let Some(cgroup) = &slot.cgroup {
                         for procs in cgroup.procs_files() {
-                            if let Err(e) = std::fs::write(&procs, pid.to_string()) {
+                            let joined_itself = || {
+                                std::fs::read_to_string(&procs)
+                                    .is_ok_and(|text| text.lines().any(|line| line == pid.to_string()))
+                            };
+                            if let Err(e) = std::fs::write(&procs, pid.to_string())
+                                && !joined_itself()
+                            {
                                 tracing::warn!(%session_id, error = %e, "cannot move the CLI into its session cgroup");
                             }
                         }
@@ -286,7 +292,7 @@ impl Supervisor {
         &self,
         user_id: &str,
         session_id: &str,
-        spec: ProcessSpec,
+        mut spec: ProcessSpec,
     ) -> Result<broadcast::Receiver<ProcessEvent>, SupervisorError> {
         let worker = self.ensure_worker(user_id).await?;
         let (events, receiver) = broadcast::channel(4096);
@@ -297,6 +303,20 @@ impl Supervisor {
                 None
             }
         });
+        if let Some(cgroup) = &cgroup {
+            // The CLI joins it itself (see `ProcessSpec::join_cgroups`); with
+            // its own uid it needs the files to be its own.
+            let user = rustix::process::Uid::from_raw(worker.report.uid);
+            if user != rustix::process::geteuid() {
+                let group = rustix::process::Gid::from_raw(worker.report.gid);
+                for procs in cgroup.procs_files() {
+                    if let Err(e) = rustix::fs::chown(&procs, Some(user), Some(group)) {
+                        tracing::warn!(%session_id, error = %e, path = %procs.display(), "cannot hand the session cgroup to the user");
+                    }
+                }
+                spec.join_cgroups = cgroup.procs_files();
+            }
+        }
         worker
             .sessions
             .lock()

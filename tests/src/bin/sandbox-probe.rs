@@ -56,6 +56,45 @@ fn run(program: &str, args: &[&str]) -> Result<String, String> {
     if output.status.success() { Ok(text) } else { Err(format!("{}: {text}", output.status)) }
 }
 
+/// The cgroup directories this process is in, one per hierarchy (v1:
+/// `/sys/fs/cgroup/<controllers>/<path>`; v2: `/sys/fs/cgroup/<path>`).
+fn own_cgroup_dirs() -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let root = Path::new("/sys/fs/cgroup").join(controllers.strip_prefix("name=").unwrap_or(controllers));
+            Some(root.join(path.trim_start_matches('/'))).filter(|dir| dir.join("cgroup.procs").exists())
+        })
+        .collect()
+}
+
+/// Limits of its own cgroup and its parent (the user's), and moving itself
+/// up into the user's cgroup (out of its session's): all denied.
+fn cgroup_checks(checks: &mut Checks) {
+    const LIMITS: [&str; 6] =
+        ["memory.limit_in_bytes", "memory.max", "pids.max", "cpu.cfs_quota_us", "cpu.max", "freezer.state"];
+    let dirs = own_cgroup_dirs();
+    checks.allowed(
+        "find its own cgroups",
+        if dirs.is_empty() { Err("none found".into()) } else { Ok(format!("{dirs:?}")) },
+    );
+    for dir in dirs {
+        let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        for file in LIMITS {
+            for target in [dir.join(file), parent.join(file)] {
+                if target.exists() {
+                    let value = if file == "freezer.state" { "THAWED" } else { "max" };
+                    checks.denied(&format!("write {}", target.display()), io(std::fs::write(&target, value)));
+                }
+            }
+        }
+        let up = parent.join("cgroup.procs");
+        checks.denied(&format!("move itself into {}", up.display()), io(std::fs::write(&up, "0")));
+    }
+}
+
 fn strings(plan: &Value, key: &str) -> Vec<String> {
     plan[key].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
 }
@@ -130,6 +169,9 @@ fn probe(plan: &Value) -> Value {
         checks.denied("hard link to another user's file", io(std::fs::hard_link(target, "hardlink-out")));
         checks.denied("rename another user's file into own dir", io(std::fs::rename(target, "stolen")));
     }
+
+    // Its cgroups: a CLI may join its session's cgroup, nothing more.
+    cgroup_checks(&mut checks);
 
     // Processes of others.
     for pid in numbers(plan, "pids_denied") {

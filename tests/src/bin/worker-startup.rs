@@ -62,6 +62,7 @@ fn main() {
                 read_only: ["/usr", "/lib", "/lib64", "/bin", "/etc/ssl", "/proc"].map(PathBuf::from).into(),
                 read_write_files: vec![PathBuf::from("/dev/null")],
                 tcp_connect_ports: vec![443],
+                own_cgroup_dirs: Vec::new(),
             },
             seccomp: SeccompConfig { enabled: layers.seccomp, deny_udp: false, allow_unix_sockets: false },
             rlimits: Rlimits { nofile: 4096, fsize: 1 << 30, data: 2 << 30, nproc: None },
