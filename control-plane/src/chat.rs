@@ -30,7 +30,7 @@ use crate::workers::supervisor::{ProcessEvent, SupervisorError};
 /// How long an interrupted turn may take to deliver its `result`.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
 /// How long an evicted or idle CLI gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a turn failed before the CLI produced a result.
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +414,8 @@ pub struct Conversations {
     /// Serialises "count warm CLIs, evict, start" so two starts cannot both
     /// take the last place.
     warm_admission: tokio::sync::Mutex<()>,
+    /// A session's state was freed since the allocator was last trimmed.
+    freed: std::sync::atomic::AtomicBool,
 }
 
 impl Conversations {
@@ -424,6 +426,7 @@ impl Conversations {
             turn_slots: Arc::new(Semaphore::new(api.max_concurrent_requests.max(1) as usize)),
             max_turns: api.max_concurrent_requests.max(1),
             warm_admission: tokio::sync::Mutex::new(()),
+            freed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -462,10 +465,21 @@ impl Conversations {
         self.map().get(session_id).cloned()
     }
 
+    /// Whether a session's state was freed since the last call.
+    pub fn take_freed(&self) -> bool {
+        self.freed.swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sessions of `user_id` this server holds state for.
+    pub fn sessions_of(&self, user_id: &str) -> Vec<String> {
+        self.map().values().filter(|c| c.user_id == user_id).map(|c| c.session_id.clone()).collect()
+    }
+
     /// The session is gone (deleted, expired): readers end, state is freed.
     pub fn forget(&self, session_id: &str) {
         if let Some(conversation) = self.map().remove(session_id) {
             conversation.close();
+            self.freed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

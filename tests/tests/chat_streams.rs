@@ -477,3 +477,22 @@ async fn a_consumer_that_vanishes_mid_turn_is_let_go() {
     wait_metric(&server, "cah_sse_streams_open", 0.0).await;
     assert_eq!(server.chat(&alice, &session, "still there?").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn deleting_a_user_stops_its_warm_clis_and_frees_their_sessions() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    assert_eq!(server.chat(&alice, &session, "hello before the delete").await.status, StatusCode::OK);
+    let pids = session_process_pids(&session);
+    assert!(!pids.is_empty(), "the session's CLI is warm");
+    let follower = tokio::spawn(read_sse(reconnect_follow(&server, &alice, &session).await, |_| false));
+
+    let deleted = server.delete("/api/v1/users/alice", &server.admin_token).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted:?}");
+    assert!(wait_gone(&pids, Duration::from_secs(15)).await, "alice's CLI outlived her\n{}", server.log());
+    // A reader of her session's events is let go.
+    tokio::time::timeout(Duration::from_secs(15), follower).await.expect("the follower ends").expect("reader");
+    server.get("/api/v1/me", &alice).await.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+}

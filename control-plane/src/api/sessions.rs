@@ -22,6 +22,7 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat;
+use crate::chat::STOP_GRACE;
 use crate::config::{PERMISSION_MODES, SessionDefaults};
 use crate::store::{
     self, Role, Session, SessionCursor, SessionOptions, SessionQuery, SessionStatus, UsageTotals, User,
@@ -40,8 +41,6 @@ const MAX_PROMPT_CHARS: usize = 100_000;
 const DEFAULT_PAGE: u32 = 50;
 /// Largest page of either listing.
 const MAX_PAGE: u32 = 1000;
-/// How long a deleted session's CLI gets to exit before SIGKILL.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Body of `POST /api/v1/sessions`: the seed's fields plus the session's CLI
 /// options, each overriding the configured default.
@@ -486,6 +485,8 @@ pub async fn visible_session(state: &AppState, principal: &Principal, session_id
     {
         state.store.set_session_status(session_id, SessionStatus::Expired, store::now()).await?;
         session.status = SessionStatus::Expired;
+        // As the reaper would have done (an expired session keeps its files).
+        state.release_session(&session.user_id, session_id, STOP_GRACE).await;
     }
     Ok(session)
 }
@@ -529,9 +530,7 @@ pub async fn delete_session(
     if !state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await? {
         return Err(ApiError::session_not_found());
     }
-    state.supervisor.stop_process(&session.user_id, &session.session_id, STOP_GRACE).await;
-    state.conversations.forget(&session.session_id);
-    state.model_proxy.revoke_session(&session.session_id);
+    state.release_session(&session.user_id, &session.session_id, STOP_GRACE).await;
     tracing::info!(session_id = %session.session_id, user_id = %session.user_id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -170,6 +170,15 @@ pub async fn delete_user(
     if !state.store.delete_user(&user_id).await? {
         return Err(user_not_found());
     }
+    // Its sessions are closed in the store: stop what runs for them here.
+    let mut sessions = state.conversations.sessions_of(&user_id);
+    let running = state.supervisor.running_processes().await;
+    sessions.extend(running.into_iter().filter(|(user, _)| *user == user_id).map(|(_, session)| session));
+    sessions.sort();
+    sessions.dedup();
+    for session_id in sessions {
+        state.release_session(&user_id, &session_id, crate::chat::STOP_GRACE).await;
+    }
     tracing::info!(user_id = %user_id, by = %principal.user_id, "user deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -285,10 +285,16 @@ impl ModelProxy {
         {
             *usd += request.usage.total_cost_usd;
         }
+        // Kept only while a token limit reads them, and pruned as they are
+        // added (a window nobody prunes would grow with every request).
         if tokens > 0
+            && self.config.tokens_per_minute > 0
             && let Ok(mut rates) = self.rates.lock()
         {
-            rates.entry(request.user_id.clone()).or_default().tokens.push_back((Instant::now(), tokens));
+            let now = Instant::now();
+            let window = rates.entry(request.user_id.clone()).or_default();
+            window.prune(now);
+            window.tokens.push_back((now, tokens));
         }
         let proxy = self.clone();
         self.writes.spawn(async move {

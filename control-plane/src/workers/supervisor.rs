@@ -277,8 +277,10 @@ impl Supervisor {
         self.mode
     }
 
+    /// Live workers (an exited one stays in the map until its user's next
+    /// start replaces it).
     pub async fn worker_count(&self) -> usize {
-        self.workers.lock().await.len()
+        self.workers.lock().await.values().filter(|worker| !worker.exited.is_cancelled()).count()
     }
 
     /// The running worker of a user, if any.
