@@ -26,6 +26,8 @@ pub struct Script {
     pub max_tokens: bool,
     /// `mock:delay MS`.
     pub delay: Option<Duration>,
+    /// `mock:reply-bytes N`: a reply text of `N` bytes of filler.
+    pub reply_bytes: Option<usize>,
     /// The text lines that are not directives (trimmed as a whole), used for the default `echo:` reply.
     pub plain_text: String,
 }
@@ -105,9 +107,10 @@ impl Script {
                     let ms = parse_num::<u64>(arg.trim(), "mock:delay MS")?;
                     script.delay = Some(Duration::from_millis(ms));
                 }
+                "reply-bytes" => script.reply_bytes = Some(parse_num::<usize>(arg.trim(), "mock:reply-bytes N")?),
                 other => {
                     return Err(format!(
-                        "unknown directive `mock:{other}` (known: reply, thinking, tool, slow, fail, cut, max-tokens, delay)"
+                        "unknown directive `mock:{other}` (known: reply, reply-bytes, thinking, tool, slow, fail, cut, max-tokens, delay)"
                     ));
                 }
             }
@@ -271,6 +274,17 @@ mod tests {
         assert!(Script::parse("mock:slow 10 0").is_err());
         // `Mock:` is not a directive (case-sensitive).
         assert!(!Script::parse("Mock:reply x").expect("parse").has_directives());
+    }
+
+    #[test]
+    fn reply_bytes() {
+        let s = Script::parse("mock:reply-bytes 1048576").expect("parse");
+        assert!(s.has_directives());
+        assert_eq!(s.reply_bytes, Some(1_048_576));
+        // Not a `mock:reply` line with the text `-bytes …`.
+        assert!(s.replies.is_empty());
+        assert!(Script::parse("mock:reply-bytes").is_err());
+        assert!(Script::parse("mock:reply-bytes 1MB").is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! | --- | --- |
 //! | *(no directive)* | reply with the text `echo: <the plain text>` |
 //! | `mock:reply TEXT` | reply with `TEXT` (several lines are joined with `\n`; replaces the echo) |
+//! | `mock:reply-bytes N` | reply with `N` bytes of printable ASCII filler (words and spaces, no newline; replaces `mock:reply` and the echo), streamed in text deltas of 64 KiB: for throughput tests with big replies |
 //! | `mock:thinking TEXT` | a thinking block (with a signature) before the text (several lines joined) |
 //! | `mock:tool NAME {JSON}` | call tool `NAME` with the JSON object as input (`{}` if left out); several lines call several tools in parallel in one message; `stop_reason` `tool_use`; no text block unless `mock:reply` is given too |
 //! | `mock:slow MS N` | stream the text as `N` deltas (default 10; fewer if the text is shorter), each `MS` ms after the previous event |
@@ -491,6 +492,8 @@ async fn answer_messages(
                 .collect::<Vec<_>>()
                 .join("\n"),
         )
+    } else if let Some(len) = script.reply_bytes {
+        Some(wire::filler_text(len))
     } else if !script.replies.is_empty() {
         Some(script.replies.join("\n"))
     } else if script.tools.is_empty() {
@@ -526,6 +529,7 @@ async fn answer_messages(
         input_tokens: wire::tokens_for_len(body_len),
         output_tokens,
         slow: script.slow.map(|s| (s.per_delta, s.deltas)),
+        text_delta_bytes: script.reply_bytes.map(|_| wire::BULK_TEXT_DELTA_BYTES),
     };
     record.stop_reason = Some(stop_reason.to_owned());
     record.usage = Some([reply.input_tokens, reply.output_tokens]);
@@ -678,4 +682,59 @@ async fn not_found(
     record.outcome = "not_found".into();
     mock.record(record);
     error_response(404, "not_found_error", &format!("mock-model: no route for {method} {}", uri.path()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SSE events of a response body: (event name, data).
+    fn sse_events(body: &[u8]) -> Vec<(String, Value)> {
+        String::from_utf8_lossy(body)
+            .split("\n\n")
+            .filter_map(|block| {
+                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((name.to_owned(), serde_json::from_str(data).expect("event data")))
+            })
+            .collect()
+    }
+
+    async fn answer(text: &str, stream: bool) -> (StatusCode, Vec<u8>, RequestRecord) {
+        let request = json!({
+            "model": "claude-mock", "max_tokens": 100, "stream": stream,
+            "messages": [{"role": "user", "content": text}],
+        });
+        let record = base_record(&Method::POST, &Uri::from_static("/v1/messages"), &HeaderMap::new(), &[]);
+        let (response, record) = answer_messages(&MockModel::new(), &request, 100, record).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        (status, body.to_vec(), record)
+    }
+
+    #[tokio::test]
+    async fn reply_bytes_streams_big_deltas() {
+        let len = 3 * wire::BULK_TEXT_DELTA_BYTES + 10;
+        let (status, body, record) = answer("mock:reply-bytes 196618", true).await;
+        assert_eq!(status, StatusCode::OK);
+        let deltas: Vec<String> = sse_events(&body)
+            .into_iter()
+            .filter(|(name, _)| name == "content_block_delta")
+            .map(|(_, data)| data["delta"]["text"].as_str().expect("text delta").to_owned())
+            .collect();
+        assert_eq!(deltas.iter().map(String::len).collect::<Vec<_>>(), [65536, 65536, 65536, 10]);
+        assert_eq!(deltas.concat(), wire::filler_text(len));
+        assert_eq!(record.reply_text.as_deref().map(str::len), Some(len));
+        assert_eq!(record.usage, Some([25, wire::tokens_for_len(len)]));
+    }
+
+    #[tokio::test]
+    async fn reply_bytes_not_streamed_and_over_reply() {
+        // It replaces `mock:reply` text; without streaming it is one text block.
+        let (status, body, _) = answer("mock:reply short\nmock:reply-bytes 1000", false).await;
+        assert_eq!(status, StatusCode::OK);
+        let message: Value = serde_json::from_slice(&body).expect("message");
+        assert_eq!(message["content"][0]["text"], wire::filler_text(1000));
+        assert_eq!(message["stop_reason"], "end_turn");
+    }
 }

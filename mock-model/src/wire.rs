@@ -48,6 +48,19 @@ pub fn tool_result_text(block: &Value) -> String {
     }
 }
 
+/// The size of the text deltas of a `mock:reply-bytes` reply: big replies in word-sized deltas would be millions
+/// of events.
+pub const BULK_TEXT_DELTA_BYTES: usize = 64 * 1024;
+
+/// `len` bytes of printable ASCII words and spaces (no newline, nothing JSON escapes, so the text's JSON is as long
+/// as the text), for `mock:reply-bytes`.
+pub fn filler_text(len: usize) -> String {
+    const PATTERN: &str = "the quick brown fox jumps over the lazy dog ";
+    let mut text = PATTERN.repeat(len.div_ceil(PATTERN.len()));
+    text.truncate(len);
+    text
+}
+
 /// Roughly 4 bytes a token, at least 1.
 pub fn tokens_for_len(len: usize) -> u64 {
     (len as u64).div_ceil(4).max(1)
@@ -112,6 +125,8 @@ pub struct Reply {
     pub output_tokens: u64,
     /// Slow text streaming: the pause before each text delta and how many text deltas.
     pub slow: Option<(Duration, usize)>,
+    /// Text streamed in deltas of at most this many bytes instead of word-sized ones (`slow` wins).
+    pub text_delta_bytes: Option<usize>,
 }
 
 fn usage(input_tokens: u64, output_tokens: u64) -> Value {
@@ -167,14 +182,19 @@ impl Reply {
                     }
                     steps.push(delta(json!({"type": "signature_delta", "signature": signature})));
                 }
-                Block::Text { text } => match self.slow {
-                    Some((pause, n)) => {
+                Block::Text { text } => match (self.slow, self.text_delta_bytes) {
+                    (Some((pause, n)), _) => {
                         for piece in even_chunks(text, n) {
                             steps.push(Step::Sleep(pause));
                             steps.push(delta(json!({"type": "text_delta", "text": piece})));
                         }
                     }
-                    None => {
+                    (None, Some(max)) => {
+                        for piece in byte_chunks(text, max) {
+                            steps.push(delta(json!({"type": "text_delta", "text": piece})));
+                        }
+                    }
+                    (None, None) => {
                         for piece in word_chunks(text) {
                             steps.push(delta(json!({"type": "text_delta", "text": piece})));
                         }
@@ -255,6 +275,29 @@ pub fn even_chunks(text: &str, n: usize) -> Vec<String> {
     out
 }
 
+/// Split into pieces of at most `max` bytes, cut at char boundaries (a piece holds at least one char; one empty
+/// piece for empty text).
+pub fn byte_chunks(text: &str, max: usize) -> Vec<&str> {
+    let mut out = Vec::with_capacity(text.len() / max.max(1) + 1);
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut end = max.min(rest.len());
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end == 0 {
+            end = rest.chars().next().map_or(rest.len(), char::len_utf8);
+        }
+        let (piece, tail) = rest.split_at(end);
+        out.push(piece);
+        rest = tail;
+    }
+    if out.is_empty() {
+        out.push("");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +314,26 @@ mod tests {
         }
         assert_eq!(even_chunks("ab", 5), vec!["a", "b"]);
         assert_eq!(even_chunks("", 5), vec![""]);
+        for max in 1..20 {
+            let pieces = byte_chunks(text, max);
+            assert!(pieces.iter().all(|p| p.len() <= max));
+            assert_eq!(pieces.concat(), text);
+        }
+        // Never inside a char: a 2-byte `é` with room for 1 byte goes whole.
+        assert_eq!(byte_chunks("aéb", 1), vec!["a", "é", "b"]);
+        assert_eq!(byte_chunks("aéb", 2), vec!["a", "é", "b"]);
+        assert_eq!(byte_chunks("", 4), vec![""]);
+    }
+
+    #[test]
+    fn filler_text_is_exact_and_plain() {
+        for len in [0, 1, 43, 44, 45, 100_000] {
+            let text = filler_text(len);
+            assert_eq!(text.len(), len);
+            assert!(text.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+            // Nothing to escape: its JSON is the text and two quotes.
+            assert_eq!(Value::String(text).to_string().len(), len + 2);
+        }
     }
 
     #[test]

@@ -397,9 +397,11 @@ async fn a_consumer_reading_one_byte_a_second_is_cut_and_resumes_with_last_event
 
     let mut slow = raw_stream(&server, &alice, &format!("/api/v1/sessions/{session}/stream?follow=true")).await;
     wait_metric(&server, "cah_sse_streams_open", 1.0).await;
-    // About 3,000 frames, far more than the buffer and the sockets hold.
-    let reply = "0123456789".repeat(600);
-    let message = format!("mock:slow 0 3000\nmock:reply {reply}");
+    // About 24 MB of frames (12 MB of text in 64 KiB deltas, each frame
+    // carrying its delta twice), far more than the buffer (4 MiB) and the
+    // sockets (loopback send buffers grow up to 4 MiB) hold.
+    const REPLY_BYTES: usize = 12_000_000;
+    let message = format!("mock:reply-bytes {REPLY_BYTES}");
     let turn = tokio::spawn({
         let (server_url, client, alice, session) =
             (server.base_url.clone(), server.client.clone(), alice.clone(), session.clone());
@@ -425,7 +427,8 @@ async fn a_consumer_reading_one_byte_a_second_is_cut_and_resumes_with_last_event
     }
     let result = turn.await.expect("turn");
     assert_eq!(result.status, StatusCode::OK, "{result:?}");
-    assert_eq!(result.body["text"], reply.as_str(), "the turn itself is complete");
+    let text = result.body["text"].as_str().unwrap_or_default();
+    assert_eq!(text.len(), REPLY_BYTES, "the turn itself is complete");
 
     // The slow reader gets what was on its way, then a final `lagged` frame.
     let read_rest = slow.read_to_end(&mut received);
