@@ -68,9 +68,11 @@
 //!
 //! `detect` removes every sibling `claude-agent-http-<pid>[-<suffix>]` whose pid no longer runs
 //! (kills what is left inside, then removes the directories), in every hierarchy it uses. The pid
-//! check assumes that servers sharing a parent cgroup share a pid namespace; a reused pid keeps a
-//! stale subtree alive until that process exits (conservative: a live server's subtree is never
-//! touched).
+//! is only made for subtrees of this server's PID namespace: the name carries the namespace
+//! (`claude-agent-http-<pid>-pidns<inode>`), and subtrees of other namespaces are never touched (a
+//! server in another container sharing the hierarchy, whose pid means nothing here: measured, two
+//! servers in different PID namespaces killed each other's sandboxes). A reused pid keeps a stale
+//! subtree alive until that process exits (conservative: a live server's subtree is never touched).
 //!
 //! # One manager per process; tests
 //!
@@ -209,7 +211,7 @@ impl CgroupManager {
     /// `Ok(None)` when no usable hierarchy is writable; the reason is logged.
     pub fn detect() -> Result<Option<CgroupManager>, CgroupError> {
         let pid = std::process::id();
-        Self::detect_with(&format!("{SUBTREE_PREFIX}{pid}"), pid_i32(pid))
+        Self::detect_with(&own_subtree_name(), pid_i32(pid))
     }
 
     /// [`detect`](Self::detect) with the subtree `claude-agent-http-<pid>-<scope>`, for tests in this
@@ -566,7 +568,10 @@ impl CgroupManager {
             for dir in child_dirs(&h.own_dir) {
                 let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { continue };
                 let Some(pid) = subtree_pid(name) else { continue };
-                if u32::try_from(pid).is_ok_and(|p| p == own_pid) || pid_alive(pid) {
+                // A server in another PID namespace (another container
+                // sharing this hierarchy) cannot be checked: never touched.
+                if u32::try_from(pid).is_ok_and(|p| p == own_pid) || from_another_pid_namespace(name) || pid_alive(pid)
+                {
                     continue;
                 }
                 stale.insert(name.to_owned());
@@ -1006,6 +1011,30 @@ fn pid_alive(pid: i32) -> bool {
         Some(target) => rustix::process::test_kill_process(target) != Err(Errno::SRCH),
         None => true,
     }
+}
+
+/// The PID namespace of this process (the inode of `/proc/self/ns/pid`).
+fn own_pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// `claude-agent-http-<pid>-pidns<inode>`: the pid means something only in
+/// the PID namespace named after it.
+fn own_subtree_name() -> String {
+    let pid = std::process::id();
+    match own_pid_namespace() {
+        Some(namespace) => format!("{SUBTREE_PREFIX}{pid}-pidns{namespace}"),
+        None => format!("{SUBTREE_PREFIX}{pid}"),
+    }
+}
+
+/// Whether a subtree name says its server ran in another PID namespace,
+/// where its pid cannot be checked from here.
+fn from_another_pid_namespace(name: &str) -> bool {
+    let Some((_, namespace)) = name.rsplit_once("-pidns") else { return false };
+    let namespace = namespace.split('-').next().and_then(|n| n.parse::<u64>().ok());
+    namespace.is_some() && namespace != own_pid_namespace()
 }
 
 /// The pid in a subtree name `claude-agent-http-<pid>[-<suffix>]`.
@@ -1622,12 +1651,15 @@ mod tests {
         let (dead_server, live_server) = (cleanup.0[0].id(), cleanup.0[1].id());
         let dead_name = format!("{SUBTREE_PREFIX}{dead_server}-stale");
         let live_name = format!("{SUBTREE_PREFIX}{live_server}-stale");
+        // A server of another PID namespace (inode 1 is never a namespace) whose pid, from here,
+        // looks dead: not ours to judge.
+        let foreign_name = format!("{SUBTREE_PREFIX}{dead_server}-pidns1");
         // A worker left behind in the dead server's user cgroup, in a cgroup frozen mid-kill.
         let victim = spawn_sleep();
         let victim_pid = victim.id();
         cleanup.0.push(victim);
         for own in &own_dirs {
-            for name in [&dead_name, &live_name] {
+            for name in [&dead_name, &live_name, &foreign_name] {
                 fs::create_dir_all(own.join(name).join("u1")).expect("mkdir stale");
                 cleanup.1.push(own.join(name));
             }
@@ -1647,6 +1679,7 @@ mod tests {
                 "live server's {} removed",
                 own.join(&live_name).display()
             );
+            assert!(own.join(&foreign_name).join("u1").is_dir(), "another namespace's subtree removed");
         }
         let victim = cleanup.0.iter_mut().find(|c| c.id() == victim_pid).expect("victim");
         assert_sigkilled(victim, "the stale subtree's process survived");
@@ -1676,8 +1709,7 @@ mod tests {
             .lines()
             .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.trim_start_matches('/').to_owned()))
             .expect("a memory line in /proc/self/cgroup");
-        let expected =
-            Path::new("/sys/fs/cgroup/memory").join(memory_path).join(format!("{SUBTREE_PREFIX}{}", own_pid()));
+        let expected = Path::new("/sys/fs/cgroup/memory").join(memory_path).join(own_subtree_name());
         let memory = manager.hierarchies.iter().find(|h| h.controllers.contains(MEMORY)).expect("memory");
         assert_eq!(memory.subtree, expected);
         assert!(expected.is_dir());
