@@ -148,6 +148,10 @@ pub enum StreamItem {
 /// Frames a stream reader takes from the log at a time.
 const READ_BATCH: usize = 64;
 
+/// How long a reader may go without catching up with its session's log
+/// before losing frames cuts it (see [`Conversation::frames`]).
+const LAG_GRACE: Duration = Duration::from_secs(2);
+
 /// Bounds of a session's frame log.
 #[derive(Debug, Clone, Copy)]
 struct LogLimits {
@@ -314,17 +318,22 @@ impl Conversation {
     /// first if some are gone), then live ones. With `follow` it goes on
     /// across turns until the session is gone; without, it ends after the
     /// first final frame (`done`/`error`), or at once when no turn runs and
-    /// nothing is left to read. A reader that falls behind the buffer after
-    /// its first read is cut with [`StreamItem::Lagged`].
+    /// nothing is left to read.
+    ///
+    /// A reader that loses frames it had not read (after its first read) is
+    /// cut with [`StreamItem::Lagged`] when it has not caught up with the log
+    /// for [`LAG_GRACE`]: it is too slow. One that was keeping up and lost
+    /// frames to a burst (a reply bigger than the buffer evicts everything
+    /// before it) gets a [`StreamItem::Gap`] and goes on.
     pub fn frames(self: Arc<Self>, from: u64, follow: bool) -> impl futures::Stream<Item = StreamItem> + Send {
         let receiver = self.published.subscribe();
-        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false, true);
+        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false, true, Instant::now());
         futures::stream::unfold(
             state,
-            move |(conversation, mut receiver, mut from, mut pending, mut done, first_read)| async move {
+            move |(conversation, mut receiver, mut from, mut pending, mut done, first_read, mut caught_up_at)| async move {
                 loop {
                     if let Some(item) = pending.pop_front() {
-                        return Some((item, (conversation, receiver, from, pending, done, false)));
+                        return Some((item, (conversation, receiver, from, pending, done, false, caught_up_at)));
                     }
                     if done {
                         return None;
@@ -338,9 +347,9 @@ impl Conversation {
                         (resumed_at, frames, log.turn_start.is_some(), log.closed)
                     };
                     if let Some(resumed_at) = resumed_at {
-                        if !first_read {
+                        if !first_read && caught_up_at.elapsed() > LAG_GRACE {
                             let lagged = StreamItem::Lagged { last_delivered: from.saturating_sub(1), resumed_at };
-                            return Some((lagged, (conversation, receiver, from, pending, true, false)));
+                            return Some((lagged, (conversation, receiver, from, pending, true, false, caught_up_at)));
                         }
                         pending.push_back(StreamItem::Gap { from, resumed_at });
                         from = resumed_at;
@@ -357,6 +366,7 @@ impl Conversation {
                     if !pending.is_empty() {
                         continue;
                     }
+                    caught_up_at = Instant::now();
                     if closed || (!running && !follow) || receiver.changed().await.is_err() {
                         return None;
                     }

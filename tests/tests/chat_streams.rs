@@ -425,6 +425,14 @@ async fn a_consumer_reading_one_byte_a_second_is_cut_and_resumes_with_last_event
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // Still one byte a second for a while: far longer than the server's
+    // grace for a reader that does not catch up.
+    for _ in 0..3 {
+        if slow.read(&mut byte).await.expect("read") == 1 {
+            received.push(byte[0]);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let result = turn.await.expect("turn");
     assert_eq!(result.status, StatusCode::OK, "{result:?}");
     let text = result.body["text"].as_str().unwrap_or_default();
