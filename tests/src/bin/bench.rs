@@ -32,6 +32,9 @@ struct Plan {
     scale: &'static [usize],
     scale_turns: usize,
     confinement_runs: usize,
+    resume_runs: usize,
+    /// Reply sizes of the relay section in MB (10^6 bytes), each with its repetitions.
+    relay: &'static [(usize, usize)],
 }
 
 const FULL: Plan = Plan {
@@ -40,9 +43,11 @@ const FULL: Plan = Plan {
     cold_runs: 5,
     proxy_requests: 400,
     api_seconds: 5.0,
-    scale: &[1, 8, 32],
+    scale: &[1, 8, 32, 64],
     scale_turns: 10,
     confinement_runs: 100,
+    resume_runs: 10,
+    relay: &[(1, 10), (10, 5), (33, 2), (100, 2)],
 };
 const QUICK: Plan = Plan {
     turns: 5,
@@ -53,6 +58,8 @@ const QUICK: Plan = Plan {
     scale: &[1, 4],
     scale_turns: 2,
     confinement_runs: 5,
+    resume_runs: 2,
+    relay: &[(1, 1), (10, 1), (100, 1)],
 };
 
 /// Milliseconds, sorted on demand.
@@ -74,17 +81,27 @@ impl Samples {
     }
 
     fn row(&self, name: &str, baseline: Option<&Samples>) -> String {
+        self.row_with(name, baseline, &[])
+    }
+
+    /// A row of [`TABLE_HEAD`] followed by `extra` cells.
+    fn row_with(&self, name: &str, baseline: Option<&Samples>, extra: &[String]) -> String {
         let versus = match baseline {
             Some(b) => format!("{:+.2} ms, ×{:.2}", self.pct(0.5) - b.pct(0.5), self.pct(0.5) / b.pct(0.5)),
             None => "baseline".into(),
         };
-        format!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {versus} | {} |\n",
+        let mut row = format!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {versus} | {} |",
             self.pct(0.5),
             self.pct(0.9),
             self.pct(0.99),
             self.0.len()
-        )
+        );
+        for cell in extra {
+            let _ = write!(row, " {cell} |");
+        }
+        row.push('\n');
+        row
     }
 }
 
@@ -97,40 +114,66 @@ fn ms(since: Instant) -> f64 {
 /// The raw CLI in streaming-input mode, as a user would drive it.
 struct RawCli {
     child: Child,
-    stdin: ChildStdin,
+    /// `None` once closed by [`RawCli::finish`].
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
-    _home: tempfile::TempDir,
+    _own_home: Option<tempfile::TempDir>,
 }
 
 impl RawCli {
+    /// A CLI with a fresh HOME of its own.
     fn start(mock: &MockServer, extra: &[&str]) -> Self {
         let home = tempfile::tempdir().expect("home");
-        let mut child = raw_command(mock, home.path())
+        let mut cli = Self::start_in(mock, home.path(), extra);
+        cli._own_home = Some(home);
+        cli
+    }
+
+    /// A CLI whose HOME (its transcripts) is `home`.
+    fn start_in(mock: &MockServer, home: &Path, extra: &[&str]) -> Self {
+        let mut child = raw_command(mock, home)
             .args(["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose"])
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("raw CLI");
-        let stdin = child.stdin.take().expect("stdin");
+        let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Self { child, stdin, stdout, _home: home }
+        Self { child, stdin, stdout, _own_home: None }
     }
 
     /// One turn: write a user line, read until `result`; its latency.
     fn turn(&mut self, text: &str) -> f64 {
+        self.try_turn(text).unwrap_or_else(|e| panic!("raw CLI turn: {e}"))
+    }
+
+    /// One turn; its latency, or why it did not end in a successful `result`.
+    fn try_turn(&mut self, text: &str) -> Result<f64, String> {
         let started = Instant::now();
         let line = json!({"type": "user", "message": {"role": "user", "content": text}});
-        writeln!(self.stdin, "{line}").expect("write");
-        self.stdin.flush().expect("flush");
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).map_err(|e| format!("write: {e}"))?;
         let mut buffer = String::new();
         loop {
             buffer.clear();
-            assert!(self.stdout.read_line(&mut buffer).expect("read") > 0, "raw CLI exited");
+            if self.stdout.read_line(&mut buffer).map_err(|e| format!("read: {e}"))? == 0 {
+                return Err(format!("the CLI exited ({:?})", self.child.wait().map_err(|e| e.to_string())?));
+            }
+            // The filler text of big replies holds no quotes: only a real `result` line matches.
             if buffer.contains("\"type\":\"result\"") {
-                return ms(started);
+                if buffer.contains("\"is_error\":true") {
+                    return Err(format!("error result: {:.200}", buffer.trim()));
+                }
+                return Ok(ms(started));
             }
         }
+    }
+
+    /// Closes stdin and waits until the CLI has exited (its transcript written).
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -157,17 +200,20 @@ fn raw_command(mock: &MockServer, home: &Path) -> Command {
     command
 }
 
-/// A server with the real CLI, limits raised for the scale section.
-async fn server(mock: &MockServer, backend: Backend) -> TestServer {
-    let config = ServerConfig::backend(backend)
-        .with_cli(mock)
+/// The bench's server configuration: limits raised for the scale section.
+fn bench_config(backend: Backend) -> ServerConfig {
+    ServerConfig::backend(backend)
         .env("CLAUDE_AGENT_MAX_SESSIONS", "200")
         .env("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", "100")
         .env("CLAUDE_AGENT_MAX_CONCURRENT", "100")
         .env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS", "100")
         .env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS_PER_USER", "100")
-        .env("CLAUDE_AGENT_LOG__LEVEL", "warn");
-    TestServer::start_with(config).await
+        .env("CLAUDE_AGENT_LOG__LEVEL", "warn")
+}
+
+/// A server with the real CLI.
+async fn server(mock: &MockServer, backend: Backend) -> TestServer {
+    TestServer::start_with(bench_config(backend).with_cli(mock)).await
 }
 
 async fn api_turn(server: &TestServer, token: &str, session: &str, text: &str) -> f64 {
@@ -275,6 +321,274 @@ async fn first_messages(plan: &Plan, mock: &MockServer, server: &TestServer, tok
         writeln!(out, "\nTarget: first message ≤ 1.2 × warm turn; measured ×{:.2}.", first.pct(0.5) / warm.pct(0.5));
 }
 
+/// The flag the server gives every CLI beyond the raw CLI's: one stream
+/// event per model delta (the SSE relay is made of them).
+const PARTIAL_MESSAGES: &str = "--include-partial-messages";
+
+/// A conversation resumed after a server restart vs the raw CLI resuming its own.
+async fn resume_after_restart(plan: &Plan, mock: &MockServer, out: &mut String) {
+    // The SQLite file and the users' directories (the CLIs' transcripts)
+    // outlive the restart, as in production.
+    let mut server = server(mock, Backend::Sqlite).await;
+    let token = server.user_with_token("resumer").await;
+    let (mut raw, mut api) = (Samples::default(), Samples::default());
+    for i in 0..plan.resume_runs {
+        // Alternate the order so neither side always goes first.
+        let raw_first = i % 2 == 0;
+        if raw_first {
+            raw.push(raw_resume(mock, i));
+        }
+        let session = server.session(&token, json!({})).await;
+        api_turn(&server, &token, &session, &format!("before restart {i}")).await;
+        server = server.restart().await;
+        // The CLI is gone with the old server: this turn starts it with `--resume`.
+        api.push(api_turn(&server, &token, &session, &format!("after restart {i}")).await);
+        server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
+        if !raw_first {
+            raw.push(raw_resume(mock, i));
+        }
+    }
+    out.push_str("\n## 4. Resume after a server restart (raw `claude --resume` vs the API)\n\n");
+    out.push_str(TABLE_HEAD);
+    out.push_str(&raw.row("raw CLI: `claude --resume` of a one-turn conversation, process start to `result`", None));
+    out.push_str(&api.row("POST /api/v1/chat, first turn after a server restart (CLI resumed)", Some(&raw)));
+    let ratio = api.pct(0.5) / raw.pct(0.5);
+    let _ = writeln!(out, "\nTarget: ≤ 1.1 × raw; measured ×{ratio:.2}: {}.", met(ratio <= 1.1));
+}
+
+/// The raw CLI: a one-turn conversation whose CLI has exited, then the
+/// latency of `claude --resume` from process start to its next `result`.
+fn raw_resume(mock: &MockServer, i: usize) -> f64 {
+    let home = tempfile::tempdir().expect("home");
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut first = RawCli::start_in(mock, home.path(), &[PARTIAL_MESSAGES, "--session-id", &id]);
+    first.turn(&format!("before exit {i}"));
+    first.finish();
+    let started = Instant::now();
+    let mut resumed = RawCli::start_in(mock, home.path(), &[PARTIAL_MESSAGES, "--resume", &id]);
+    resumed.turn(&format!("after exit {i}"));
+    ms(started)
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes { "met" } else { "not met" }
+}
+
+/// A run that failed: when it showed (ms since the timed request) and how.
+#[derive(Clone)]
+struct Failure {
+    after: f64,
+    error: String,
+}
+
+impl Failure {
+    fn since(started: Instant, error: impl Into<String>) -> Self {
+        // Its text goes into a markdown table.
+        Self { after: ms(started), error: error.into().replace('|', "/") }
+    }
+}
+
+/// Latencies of one side of a comparison that may fail, and its failures.
+#[derive(Default)]
+struct Outcomes {
+    times: Samples,
+    failures: Vec<Failure>,
+}
+
+impl Outcomes {
+    fn record(&mut self, outcome: Result<f64, Failure>) {
+        match outcome {
+            Ok(took) => self.times.push(took),
+            Err(failure) => self.failures.push(failure),
+        }
+    }
+
+    /// A row with MB/s at p50 for `bytes`, or what went wrong if no run succeeded.
+    fn row(&self, name: &str, baseline: Option<&Samples>, bytes: usize) -> String {
+        let failed = match self.failures.first() {
+            Some(Failure { after, error }) => {
+                format!("{} of {} runs fail (first after {after:.0} ms: {error})", self.failures.len(), self.runs())
+            }
+            None => "none".into(),
+        };
+        if self.times.0.is_empty() {
+            return format!("| {name} | – | – | – | – | 0 | – | {failed} |\n");
+        }
+        let baseline = baseline.filter(|b| !b.0.is_empty());
+        let rate = bytes as f64 / 1e6 / (self.times.pct(0.5) / 1000.0);
+        self.times.row_with(name, baseline, &[format!("{rate:.1}"), failed])
+    }
+
+    fn runs(&self) -> usize {
+        self.times.0.len() + self.failures.len()
+    }
+}
+
+/// A big reply (`mock:reply-bytes`) relayed by the service (SSE and sync)
+/// vs read from the raw CLI.
+async fn relay_throughput(plan: &Plan, mock: &MockServer, out: &mut String) {
+    let server = server(mock, Backend::Sqlite).await;
+    let token = server.user_with_token("relay").await;
+    // Without the harness client's 60 s limit on a whole response.
+    let client = reqwest::Client::new();
+    out.push_str("\n## 7. Relay throughput: a big reply through the API vs read from the raw CLI\n\n");
+    out.push_str(
+        "The mock streams N MB (10^6 bytes) of text in 64 KiB deltas. Raw CLI: write a line, read stdout until \
+         `result`. SSE: `POST /api/v1/chat/stream` until the `result` event, and until `done` (sent once the turn \
+         is stored). Sync: `POST /api/v1/chat` until its whole body (the text, and every message of the turn). \
+         Each run uses a fresh conversation after one small warm-up turn (a big reply would go back to the model \
+         with every later turn); the raw CLI runs with `--include-partial-messages` as the server's do.\n\n",
+    );
+    out.push_str(
+        "| what | p50 ms | p90 ms | p99 ms | vs baseline (p50) | n | MB/s at p50 | failures |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let mut verdicts = Vec::new();
+    for &(megabytes, runs) in plan.relay {
+        let bytes = megabytes * 1_000_000;
+        let prompt = format!("mock:reply-bytes {bytes}");
+        let [mut raw, mut sse_result, mut sse_done, mut sync] = <[Outcomes; 4]>::default();
+        for run in 0..runs {
+            // Alternate the order so neither side always goes first.
+            let raw_first = run % 2 == 0;
+            if raw_first {
+                raw.record(raw_relay(mock, &prompt));
+            }
+            let session = warm_session(&server, &token).await;
+            match sse_timed_raw(&client, &server, &token, &session, &prompt).await {
+                Ok((to_result, to_done)) => {
+                    sse_result.record(Ok(to_result));
+                    sse_done.record(Ok(to_done));
+                }
+                Err(failure) => {
+                    sse_result.record(Err(failure.clone()));
+                    sse_done.record(Err(failure));
+                }
+            }
+            server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
+            let session = warm_session(&server, &token).await;
+            sync.record(sync_timed_raw(&client, &server, &token, &session, &prompt).await);
+            server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
+            if !raw_first {
+                raw.record(raw_relay(mock, &prompt));
+            }
+            // The mock's request log keeps every reply's text.
+            mock.model.clear_requests();
+        }
+        let baseline = Some(&raw.times);
+        out.push_str(&raw.row(&format!("raw CLI, {megabytes} MB reply"), None, bytes));
+        out.push_str(&sse_result.row(&format!("SSE, {megabytes} MB reply, `result` event"), baseline, bytes));
+        out.push_str(&sse_done.row(&format!("SSE, {megabytes} MB reply, `done` event"), baseline, bytes));
+        out.push_str(&sync.row(&format!("POST /api/v1/chat, {megabytes} MB reply"), baseline, bytes));
+        let ok = sse_result.failures.is_empty() && sse_result.times.pct(0.5) <= 1.1 * raw.times.pct(0.5);
+        verdicts.push(format!("{megabytes} MB {}", met(ok)));
+    }
+    let _ =
+        writeln!(out, "\nTarget: every size streams through SSE, `result` p50 ≤ 1.1 × raw; {}.", verdicts.join(", "));
+}
+
+/// The raw side of the relay section: a fresh CLI, a warm-up turn, the big turn.
+fn raw_relay(mock: &MockServer, prompt: &str) -> Result<f64, Failure> {
+    let mut cli = RawCli::start(mock, &[PARTIAL_MESSAGES]);
+    cli.turn("warm up");
+    let started = Instant::now();
+    cli.try_turn(prompt).map_err(|error| Failure::since(started, error))
+}
+
+/// A fresh session with one small turn done: its CLI warm, its conversation started.
+async fn warm_session(server: &TestServer, token: &str) -> String {
+    let session = server.session(token, json!({})).await;
+    api_turn(server, token, &session, "warm up").await;
+    session
+}
+
+/// The body of a chat request with a timeout that big replies do not hit.
+fn big_chat(session: &str, text: &str) -> serde_json::Value {
+    json!({"session_id": session, "message": text, "timeout": 600})
+}
+
+/// A sync turn whose (big) body is read whole but not parsed.
+async fn sync_timed_raw(
+    client: &reqwest::Client,
+    server: &TestServer,
+    token: &str,
+    session: &str,
+    text: &str,
+) -> Result<f64, Failure> {
+    let started = Instant::now();
+    let response = client
+        .post(server.url("/api/v1/chat"))
+        .bearer_auth(token)
+        .json(&big_chat(session, text))
+        .send()
+        .await
+        .map_err(|e| Failure::since(started, e.to_string()))?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| Failure::since(started, e.to_string()))?;
+    if status != reqwest::StatusCode::OK {
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        return Err(Failure::since(started, format!("HTTP {status}: {}", error["detail"].as_str().unwrap_or("?"))));
+    }
+    Ok(ms(started))
+}
+
+/// An SSE turn read as bytes: frames of megabytes are not parsed (the raw
+/// CLI's lines are not either), a frame's kind is found by its `"type"`
+/// (the filler text holds no quotes, so only real keys match).
+async fn sse_timed_raw(
+    client: &reqwest::Client,
+    server: &TestServer,
+    token: &str,
+    session: &str,
+    text: &str,
+) -> Result<(f64, f64), Failure> {
+    let started = Instant::now();
+    let response = client
+        .post(server.url("/api/v1/chat/stream"))
+        .bearer_auth(token)
+        .json(&big_chat(session, text))
+        .send()
+        .await
+        .map_err(|e| Failure::since(started, e.to_string()))?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(Failure::since(started, format!("HTTP {}", response.status())));
+    }
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    // `buffer[..searched]` holds no event end.
+    let mut searched = 0;
+    let mut result_at = None;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Failure::since(started, format!("the stream broke: {e}")))?;
+        // Lossy at a split UTF-8 char, which the ASCII frames here never have.
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer[searched..].find("\n\n").map(|at| searched + at) {
+            let event = &buffer[..end];
+            let has = |kind: &str| event.contains(&format!("\"type\":\"{kind}\""));
+            // An `error` frame carries the failed `result` in its `raw`: test it first.
+            if has("error") || has("lagged") {
+                let data = event.lines().find_map(|l| l.strip_prefix("data:")).unwrap_or_default();
+                let frame: serde_json::Value = serde_json::from_str(data.trim()).unwrap_or_default();
+                let (kind, error) = (frame["type"].as_str().unwrap_or("?"), frame["error"].as_str().unwrap_or("?"));
+                return Err(Failure::since(started, format!("`{kind}` event: {error}")));
+            }
+            if has("done") {
+                return Ok((result_at.unwrap_or(f64::NAN), ms(started)));
+            }
+            if has("result") {
+                result_at = Some(ms(started));
+            }
+            buffer.drain(..end + 2);
+            searched = 0;
+        }
+        searched = buffer.len().saturating_sub(1);
+        while !buffer.is_char_boundary(searched) {
+            searched -= 1;
+        }
+    }
+    Err(Failure::since(started, "the stream ended without `done`"))
+}
+
 /// (first byte, last byte) of a model request.
 async fn model_request(client: &reqwest::Client, base: &str, key: &str, stream: bool) -> (f64, f64) {
     let body = json!({
@@ -329,21 +643,32 @@ async fn proxy(plan: &Plan, mock: &MockServer, server: &TestServer, token: &str,
     }
 }
 
-/// GET /api/v1/sessions/{id} requests per second, 16 at a time.
-async fn get_throughput(seconds: f64, server: &TestServer, token: &str) -> (f64, Samples) {
-    let session = server.session(token, json!({})).await;
-    let url = server.url(&format!("/api/v1/sessions/{session}"));
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let (client, url, token) = (client.clone(), url.clone(), token.to_owned());
+/// Concurrent clients of the API-only throughput section.
+const API_CLIENTS: usize = 16;
+
+/// Requests per second and latencies of `request` sent by [`API_CLIENTS`]
+/// clients at once for `seconds` (the rate over the time until the last
+/// answer: slow requests still running at the deadline count);
+/// `request(client)` builds client number `client`'s next request, which
+/// must answer `expected`.
+async fn hammer(
+    seconds: f64,
+    expected: reqwest::StatusCode,
+    request: impl Fn(usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> (f64, Samples) {
+    let request = std::sync::Arc::new(request);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    // A task each, so the clients use every runtime thread.
+    let clients: Vec<_> = (0..API_CLIENTS)
+        .map(|client| {
+            let request = request.clone();
             tokio::spawn(async move {
                 let mut latencies = Samples::default();
                 while Instant::now() < deadline {
                     let started = Instant::now();
-                    let response = client.get(&url).bearer_auth(&token).send().await.expect("get");
-                    assert!(response.status().is_success());
+                    let response = request(client).send().await.expect("request");
+                    assert_eq!(response.status(), expected);
                     response.bytes().await.expect("body");
                     latencies.push(ms(started));
                 }
@@ -352,10 +677,54 @@ async fn get_throughput(seconds: f64, server: &TestServer, token: &str) -> (f64,
         })
         .collect();
     let mut all = Samples::default();
-    for task in tasks {
-        all.0.extend(task.await.expect("task").0);
+    for client in clients {
+        all.0.extend(client.await.expect("client task").0);
     }
-    (all.0.len() as f64 / seconds, all)
+    (all.0.len() as f64 / started.elapsed().as_secs_f64(), all)
+}
+
+/// GET /api/v1/sessions/{id} requests per second.
+async fn get_throughput(seconds: f64, server: &TestServer, token: &str) -> (f64, Samples) {
+    let session = server.session(token, json!({})).await;
+    let (client, url, token) =
+        (reqwest::Client::new(), server.url(&format!("/api/v1/sessions/{session}")), token.to_owned());
+    hammer(seconds, reqwest::StatusCode::OK, move |_| client.get(&url).bearer_auth(&token)).await
+}
+
+/// POST /api/v1/sessions per second, each client creating for a user of its own.
+async fn create_throughput(seconds: f64, server: &TestServer) -> (f64, Samples) {
+    let mut tokens = Vec::new();
+    for client in 0..API_CLIENTS {
+        let token = server.user_with_token(&format!("creator{client}")).await;
+        // The user's first session also starts the user's worker: not timed.
+        server.session(&token, json!({})).await;
+        tokens.push(token);
+    }
+    let (client, url) = (reqwest::Client::new(), server.url("/api/v1/sessions"));
+    hammer(seconds, reqwest::StatusCode::CREATED, move |i| client.post(&url).bearer_auth(&tokens[i]).json(&json!({})))
+        .await
+}
+
+/// Warm CLIs of the create section's server with the real CLI: beyond,
+/// each create stops the least recently used one (as a full server does).
+const CREATE_WARM_CAP: &str = "32";
+
+/// A server for the create section, whose session limits never bind.
+/// `real_cli`: sessions start the real CLI (the pre-warm); else an idle
+/// stand-in (the harness's `sandbox-probe`), so the figure is the control
+/// plane's, the store's and the worker's spawn, not the CLI's start.
+async fn create_bench_server(backend: Backend, real_cli: Option<&MockServer>) -> TestServer {
+    let unlimited = "1000000";
+    let warm = if real_cli.is_some() { CREATE_WARM_CAP } else { unlimited };
+    let mut config = bench_config(backend)
+        .env("CLAUDE_AGENT_MAX_SESSIONS", unlimited)
+        .env("CLAUDE_AGENT_MAX_SESSIONS_PER_USER", unlimited)
+        .env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS", warm)
+        .env("CLAUDE_AGENT_API__MAX_WARM_SESSIONS_PER_USER", warm);
+    if let Some(mock) = real_cli {
+        config = config.with_cli(mock);
+    }
+    TestServer::start_with(config).await
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -366,6 +735,38 @@ fn rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
+}
+
+/// Milliseconds of one clock tick (the unit of /proc CPU times).
+fn tick_ms() -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// CPU time (user + system) a process has used so far, ms.
+fn process_cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's closing parenthesis start with the
+    // state (field 3); utime and stime are fields 14 and 15.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) * tick_ms()
+}
+
+/// CPU time the whole machine has been busy so far, all CPUs (idle and
+/// iowait left out), ms.
+fn machine_busy_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    busy * tick_ms()
 }
 
 /// API-only throughput on both backends, and the control plane's memory.
@@ -383,6 +784,44 @@ async fn api_and_memory(plan: &Plan, mock: &MockServer, out: &mut String) {
         let _ = writeln!(out, "| {backend:?} | {rate:.0} | {:.2} | {:.2} |", latency.pct(0.5), latency.pct(0.99));
     }
     let _ = writeln!(out, "\nTarget: ≥ 5,000 GET/s on SQLite; measured {sqlite_rate:.0}.");
+
+    out.push_str(&format!(
+        "\n### Session create (POST /api/v1/sessions, {API_CLIENTS} concurrent clients, one user each)\n\n"
+    ));
+    out.push_str("| backend | CLI started by each create | creates/s | p50 ms | p99 ms |\n|---|---|---|---|---|\n");
+    let mut sqlite_creates = 0.0;
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let server = create_bench_server(backend, None).await;
+        let (rate, latency) = create_throughput(plan.api_seconds, &server).await;
+        if backend == Backend::Sqlite {
+            sqlite_creates = rate;
+        }
+        let _ = writeln!(
+            out,
+            "| {backend:?} | idle stand-in (`sandbox-probe`) | {rate:.0} | {:.2} | {:.2} |",
+            latency.pct(0.5),
+            latency.pct(0.99)
+        );
+    }
+    // The same with the real CLI, to show what bounds it: every create
+    // starts a CLI, and their starts share the machine's CPUs.
+    {
+        let server = create_bench_server(Backend::Sqlite, Some(mock)).await;
+        let (rate, latency) = create_throughput(plan.api_seconds, &server).await;
+        let _ = writeln!(
+            out,
+            "| Sqlite | the real CLI (pre-warm; at most {CREATE_WARM_CAP} warm, then each create stops one) | \
+             {rate:.0} | {:.2} | {:.2} |",
+            latency.pct(0.5),
+            latency.pct(0.99)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nTarget: ≥ 100 creates/s on SQLite with the stand-in CLI (the control plane, store and worker spawn); \
+         measured {sqlite_creates:.0}: {}.",
+        met(sqlite_creates >= 100.0)
+    );
 
     out.push_str("\n## 6. Memory of the control plane\n\n| state | RSS MiB |\n|---|---|\n");
     let mut server = server(mock, Backend::Sqlite).await;
@@ -456,7 +895,16 @@ async fn insert_sessions(db: &Path, user: &str, count: usize) {
 /// Concurrent sessions doing warm turns: throughput and tail latency.
 async fn scale(plan: &Plan, mock: &MockServer, out: &mut String) {
     out.push_str("\n## 9. Scale: concurrent sessions doing warm turns (one user each)\n\n");
-    out.push_str("| sessions | turns/s | p50 ms | p99 ms | control plane RSS MiB |\n|---|---|---|---|---|\n");
+    out.push_str(
+        "CPU: control plane = the server process's utime + stime; machine = all CPUs' busy time (CLIs, workers, \
+         the mock, this client and anything else running on the machine), both over the timed turns; /proc \
+         counts in 10 ms ticks.\n\n",
+    );
+    out.push_str(
+        "| sessions | turns/s | p50 ms | p99 ms | control plane CPU ms/turn | machine CPU ms/turn | machine busy % \
+         | control plane RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for &n in plan.scale {
         let server = server(mock, Backend::Sqlite).await;
         let mut clients = Vec::new();
@@ -466,7 +914,7 @@ async fn scale(plan: &Plan, mock: &MockServer, out: &mut String) {
             api_turn(&server, &token, &session, "warm up").await;
             clients.push((token, session));
         }
-        let started = Instant::now();
+        let (started, server_cpu, machine_cpu) = (Instant::now(), process_cpu_ms(server.pid), machine_busy_ms());
         let server_ref = &server;
         let runs = clients.iter().map(|(token, session)| async move {
             let mut latencies = Samples::default();
@@ -477,16 +925,21 @@ async fn scale(plan: &Plan, mock: &MockServer, out: &mut String) {
         });
         let results = futures::future::join_all(runs).await;
         let elapsed = started.elapsed().as_secs_f64();
+        let (server_cpu, machine_cpu) = (process_cpu_ms(server.pid) - server_cpu, machine_busy_ms() - machine_cpu);
         let mut all = Samples::default();
         for r in results {
             all.0.extend(r.0);
         }
+        let turns = all.0.len() as f64;
         let _ = writeln!(
             out,
-            "| {n} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            all.0.len() as f64 / elapsed,
+            "| {n} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.0} | {:.1} |",
+            turns / elapsed,
             all.pct(0.5),
             all.pct(0.99),
+            server_cpu / turns,
+            machine_cpu / turns,
+            100.0 * machine_cpu / (elapsed * 1000.0 * cpus),
             rss_mib(server.pid)
         );
     }
@@ -540,12 +993,24 @@ async fn main() {
         first_messages(plan, &mock, &server, &token, &mut out).await;
         proxy(plan, &mock, &server, &token, &mut out).await;
     }
+    resume_after_restart(plan, &mock, &mut out).await;
+    relay_throughput(plan, &mock, &mut out).await;
     api_and_memory(plan, &mock, &mut out).await;
     scale(plan, &mock, &mut out).await;
     confinement(plan, &mut out);
     let _ = writeln!(out, "\nTotal run time: {:.0} s.", started.elapsed().as_secs_f64());
     println!("{out}");
     if let Some(path) = out_path {
+        out.push_str(&hand_written_notes(&path));
         std::fs::write(&path, &out).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
+}
+
+/// The heading of the notes written by hand at the end of the output file
+/// (profiles are not taken by this harness): kept when the file is rewritten.
+const NOTES_HEADING: &str = "\n## Profiling notes";
+
+fn hand_written_notes(path: &Path) -> String {
+    let previous = std::fs::read_to_string(path).unwrap_or_default();
+    previous.find(NOTES_HEADING).map(|at| previous[at..].to_owned()).unwrap_or_default()
 }
