@@ -99,10 +99,19 @@ async fn a_cli_credential_works_only_while_its_session_lives_and_only_as_its_ses
 
     let live = direct_request(&base_url, &credential, "mock:reply direct", false).await;
     assert_eq!(live.status(), StatusCode::OK);
-    // Whatever it is used for, the proxy books it to alice's session.
-    let audit = server.get(&format!("/api/v1/audit/model-requests?session_id={session}"), &server.admin_token).await;
-    let rows = audit.body["items"].as_array().expect("items").clone();
-    assert!(!rows.is_empty(), "{audit:?}");
+    // Whatever it is used for, the proxy books it to alice's session (the
+    // audit row is written after the answer: wait for it).
+    let audit_path = format!("/api/v1/audit/model-requests?session_id={session}");
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        let audit = server.get(&audit_path, &server.admin_token).await;
+        rows = audit.body["items"].as_array().expect("items").clone();
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!rows.is_empty(), "no audit row for the direct request");
     assert!(rows.iter().all(|r| r["user_id"] == "alice" && r["session_id"] == session.as_str()), "{rows:?}");
     // Users do not read the audit log.
     server.get("/api/v1/audit/model-requests", &alice).await.assert_error(StatusCode::FORBIDDEN, "forbidden");
