@@ -138,6 +138,15 @@ pub struct SseEvent {
 }
 
 impl SseEvent {
+    /// One event block (`id:` and JSON `data:` lines); `None` for a block
+    /// without data (a keep-alive comment).
+    pub fn parse(block: &str, at: std::time::Duration) -> Option<Self> {
+        let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
+        let data = block.lines().find_map(|l| l.strip_prefix("data:"))?;
+        let data = serde_json::from_str(data.trim()).unwrap_or_else(|e| panic!("frame {data:?}: {e}"));
+        Some(Self { id, data, at })
+    }
+
     pub fn kind(&self) -> &str {
         self.data["type"].as_str().unwrap_or("")
     }
@@ -160,10 +169,7 @@ pub async fn read_sse(response: Response, mut stop: impl FnMut(&SseEvent) -> boo
         buffer.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buffer.find("\n\n") {
             let block: String = buffer.drain(..end + 2).collect();
-            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
-            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
-            let data = serde_json::from_str(data.trim()).unwrap_or_else(|e| panic!("frame {data:?}: {e}"));
-            let event = SseEvent { id, data, at: started.elapsed() };
+            let Some(event) = SseEvent::parse(&block, started.elapsed()) else { continue };
             let last = stop(&event);
             events.push(event);
             if last {

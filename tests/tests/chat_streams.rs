@@ -359,14 +359,7 @@ fn events_of_raw_response(raw: &[u8]) -> Vec<SseEvent> {
         decoded.push_str(&rest[..size]);
         body = rest[size..].strip_prefix("\r\n").expect("chunk end");
     }
-    decoded
-        .split("\n\n")
-        .filter_map(|block| {
-            let id = block.lines().find_map(|l| l.strip_prefix("id:")).map(|s| s.trim().to_owned());
-            let data = block.lines().find_map(|l| l.strip_prefix("data:"))?;
-            Some(SseEvent { id, data: serde_json::from_str(data.trim()).expect("frame"), at: Duration::ZERO })
-        })
-        .collect()
+    decoded.split("\n\n").filter_map(|block| SseEvent::parse(block, Duration::ZERO)).collect()
 }
 
 async fn metric(server: &TestServer, name: &str) -> f64 {

@@ -563,6 +563,7 @@ impl CgroupManager {
     /// Removes the subtrees of servers that no longer run (see the module documentation).
     fn clean_stale(&self) {
         let own_pid = std::process::id();
+        let own_namespace = own_pid_namespace();
         let mut stale = BTreeSet::new();
         for h in &self.hierarchies {
             for dir in child_dirs(&h.own_dir) {
@@ -570,7 +571,9 @@ impl CgroupManager {
                 let Some(pid) = subtree_pid(name) else { continue };
                 // A server in another PID namespace (another container
                 // sharing this hierarchy) cannot be checked: never touched.
-                if u32::try_from(pid).is_ok_and(|p| p == own_pid) || from_another_pid_namespace(name) || pid_alive(pid)
+                if u32::try_from(pid).is_ok_and(|p| p == own_pid)
+                    || from_another_pid_namespace(name, own_namespace)
+                    || pid_alive(pid)
                 {
                     continue;
                 }
@@ -1031,10 +1034,10 @@ fn own_subtree_name() -> String {
 
 /// Whether a subtree name says its server ran in another PID namespace,
 /// where its pid cannot be checked from here.
-fn from_another_pid_namespace(name: &str) -> bool {
+fn from_another_pid_namespace(name: &str, own_namespace: Option<u64>) -> bool {
     let Some((_, namespace)) = name.rsplit_once("-pidns") else { return false };
     let namespace = namespace.split('-').next().and_then(|n| n.parse::<u64>().ok());
-    namespace.is_some() && namespace != own_pid_namespace()
+    namespace.is_some() && namespace != own_namespace
 }
 
 /// The pid in a subtree name `claude-agent-http-<pid>[-<suffix>]`.
