@@ -283,7 +283,10 @@ async fn session_reaper(state: AppState, shutdown: CancellationToken) {
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "session reaper: store error"),
+            Err(e) => {
+                crate::metrics::store_error(&e);
+                tracing::warn!(error = %e, "session reaper: store error");
+            }
         }
     }
 }

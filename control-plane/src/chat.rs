@@ -724,13 +724,10 @@ pub async fn run_turn(
     state.metrics.turn(result.is_ok());
     let now = crate::store::now();
     let store_started = std::time::Instant::now();
-    if let Err(e) = state.store.append_messages(id, now, &history).await {
-        tracing::warn!(session_id = %id, error = %e, "cannot store the turn's messages");
-    }
-    if let Ok(outcome) = &result
-        && let Err(e) = state.store.record_turn(id, now, &outcome.usage()).await
-    {
-        tracing::warn!(session_id = %id, error = %e, "cannot record the turn");
+    let usage = result.as_ref().ok().map(TurnOutcome::usage);
+    if let Err(e) = state.store.store_turn(id, now, &history, usage.as_ref()).await {
+        crate::metrics::store_error(&e);
+        tracing::warn!(session_id = %id, error = %e, "cannot store the turn");
     }
     tracing::debug!(session_id = %id, micros = store_started.elapsed().as_micros() as u64, "turn stored");
     result
@@ -782,6 +779,11 @@ async fn read_turn(
                     continue;
                 }
                 on_message(&message);
+                // Partial deltas only feed the SSE frames: the assistant
+                // message that follows them holds the same text.
+                if message["type"] == "stream_event" {
+                    continue;
+                }
                 history.extend(history_entry(&message));
                 let is_result = message["type"] == "result";
                 messages.push(message);

@@ -18,9 +18,18 @@ use axum::response::{IntoResponse, Response};
 use crate::app::AppState;
 use crate::store::SessionStatus;
 
-/// Store operations that failed (outage or internal error), counted where
-/// a store error becomes an API error, which has no access to the state.
-pub static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Store operations that failed (outage or internal error): counted by
+/// [`store_error`] wherever one is handled, in requests and in background
+/// work alike (a static: an API error's conversion has no state).
+static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a failed store operation; a conflict (the row exists) is an
+/// answer, not a failure.
+pub fn store_error(error: &crate::store::StoreError) {
+    if !matches!(error, crate::store::StoreError::Conflict(_)) {
+        STORE_ERRORS.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// SSE responses being sent now (a client that vanished counts until the
 /// server notices: its next write fails).

@@ -156,7 +156,8 @@ conformance!(
     set_session_status,
     touch_session,
     concurrent_touches_are_atomic,
-    record_turn_adds_usage,
+    store_turn_records_usage_and_messages_at_once,
+    a_turn_larger_than_one_insert_batch,
     assign_uid_allocates_once,
     expire_idle_sessions,
     messages_append_and_list,
@@ -1168,7 +1169,7 @@ mod cases {
         assert_eq!(store.get_session("unknown").await.expect("get"), None);
     }
 
-    pub async fn record_turn_adds_usage(store: &dyn Store) {
+    pub async fn store_turn_records_usage_and_messages_at_once(store: &dyn Store) {
         let t = base();
         let start = Session { message_count: 2, ..session("s-1", "alice", t, SessionStatus::Active) };
         store.create_session(&start).await.expect("create");
@@ -1180,8 +1181,9 @@ mod cases {
             total_cost_usd: 0.25,
         };
         let at = t + TimeDelta::seconds(5);
-        assert!(store.record_turn("s-1", at, &turn).await.expect("turn 1"));
-        assert!(store.record_turn("s-1", at + TimeDelta::seconds(1), &turn).await.expect("turn 2"));
+        store.store_turn("s-1", at, &[], Some(&turn)).await.expect("turn 1");
+        let messages = [message("user", json!("hi")), message("result", json!({"type": "result"}))];
+        store.store_turn("s-1", at + TimeDelta::seconds(1), &messages, Some(&turn)).await.expect("turn 2");
         let got = get_session(store, "s-1").await;
         assert_eq!(got.message_count, 4);
         assert_eq!(got.last_active_at, at + TimeDelta::seconds(1));
@@ -1200,9 +1202,20 @@ mod cases {
             )
         );
         assert!((got.usage.total_cost_usd - (start.usage.total_cost_usd + 0.5)).abs() < 1e-9);
+        let stored = store.list_messages("s-1", 0, 10).await.expect("list");
+        let seqs_and_kinds: Vec<_> = stored.iter().map(|m| (m.seq, m.kind.as_str())).collect();
+        assert_eq!(seqs_and_kinds, [(1, "user"), (2, "result")]);
+        assert!(stored.iter().all(|m| m.created_at == at + TimeDelta::seconds(1)));
+        // A turn that failed stores its messages but is not counted.
+        store.store_turn("s-1", at + TimeDelta::seconds(2), &messages[..1], None).await.expect("failed turn");
+        let got = get_session(store, "s-1").await;
+        assert_eq!((got.message_count, got.last_active_at), (4, at + TimeDelta::seconds(1)));
+        assert_eq!(store.list_messages("s-1", 2, 10).await.expect("list").len(), 1);
         store.set_session_status("s-1", SessionStatus::Deleted, at).await.expect("delete");
-        assert!(!store.record_turn("s-1", at, &turn).await.expect("deleted"));
-        assert!(!store.record_turn("unknown", at, &turn).await.expect("unknown"));
+        assert_eq!(store.list_messages("s-1", 0, 10).await.expect("list").len(), 0, "deleting purges the history");
+        assert!(store.store_turn("s-1", at, &messages, Some(&turn)).await.is_err(), "stored a turn of a deleted session");
+        assert!(store.store_turn("unknown", at, &[], Some(&turn)).await.is_err(), "stored a turn of an unknown session");
+        assert_eq!(get_session(store, "s-1").await.message_count, 4, "a refused turn changed the session");
     }
 
     pub async fn assign_uid_allocates_once(store: &dyn Store) {
@@ -1280,7 +1293,7 @@ mod cases {
         assert!(history(store, "s-1").await.is_empty(), "a new session has no history");
 
         // An empty append is a no-op: the first real message is still seq 1.
-        store.append_messages("s-1", t, &[]).await.expect("empty append");
+        store.store_turn("s-1", t, &[], None).await.expect("empty append");
         assert!(history(store, "s-1").await.is_empty());
 
         let at1 = t + micros(1);
@@ -1289,15 +1302,15 @@ mod cases {
             message("assistant", json!({"type": "assistant", "text": "hi"})),
             message("result", json!({"type": "result", "cost": 0.5})),
         ];
-        store.append_messages("s-1", at1, &first).await.expect("append 1");
+        store.store_turn("s-1", at1, &first, None).await.expect("append 1");
         let at2 = t + TimeDelta::seconds(2) + micros(999_999);
         let second = [message("user", json!("again"))];
-        store.append_messages("s-1", at2, &second).await.expect("append 2");
-        store.append_messages("s-1", at2, &[]).await.expect("empty append");
+        store.store_turn("s-1", at2, &second, None).await.expect("append 2");
+        store.store_turn("s-1", at2, &[], None).await.expect("empty append");
         // A later call may carry an earlier timestamp: seqs follow calls.
         let at3 = t - TimeDelta::days(1);
         let third = [message("assistant", json!(["a", 1])), message("assistant", json!(null))];
-        store.append_messages("s-1", at3, &third).await.expect("append 3");
+        store.store_turn("s-1", at3, &third, None).await.expect("append 3");
 
         let expected = vec![
             stored(1, &first[0], at1),
@@ -1320,7 +1333,7 @@ mod cases {
         create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
         let all: Vec<NewMessage> = (1..=23).map(|i| message("user", json!({ "i": i }))).collect();
         for (call, chunk) in all.chunks(4).enumerate() {
-            store.append_messages("s-1", t + micros(call as i64), chunk).await.expect("append");
+            store.store_turn("s-1", t + micros(call as i64), chunk, None).await.expect("append");
         }
         let expected: Vec<StoredMessage> =
             all.iter().enumerate().map(|(i, m)| stored(i as i64 + 1, m, t + micros(i as i64 / 4))).collect();
@@ -1350,6 +1363,35 @@ mod cases {
         assert!(store.list_messages("s-1", 23, 10).await.expect("past the end").is_empty());
         assert!(store.list_messages("s-1", i64::MAX, 10).await.expect("far past the end").is_empty());
         assert_eq!(seqs(&store.list_messages("s-1", i64::MIN, 2).await.expect("from i64::MIN")), [1, 2]);
+    }
+
+    /// More messages than one multi-row INSERT takes: every one is stored,
+    /// in order, with contiguous seqs after the earlier turn's.
+    pub async fn a_turn_larger_than_one_insert_batch(store: &dyn Store) {
+        let t = base();
+        create_sessions(store, &[session("s-1", "alice", t, SessionStatus::Active)]).await;
+        store.store_turn("s-1", t, &[message("user", json!("first"))], None).await.expect("first turn");
+        let turn: Vec<_> = (0..1201).map(|i| message("assistant", json!({"i": i}))).collect();
+        let usage = UsageTotals { output_tokens: 7, ..UsageTotals::default() };
+        store.store_turn("s-1", t + micros(1), &turn, Some(&usage)).await.expect("big turn");
+        let mut stored = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store.list_messages("s-1", after, 500).await.expect("list");
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            stored.extend(page);
+        }
+        assert_eq!(stored.len(), 1202);
+        for (expected_seq, m) in (1..).zip(&stored) {
+            assert_eq!(m.seq, expected_seq);
+        }
+        assert_eq!(stored[0].content, json!("first"));
+        for (i, m) in stored[1..].iter().enumerate() {
+            assert_eq!((m.kind.as_str(), &m.content), ("assistant", &json!({"i": i})));
+        }
+        let got = get_session(store, "s-1").await;
+        assert_eq!((got.message_count, got.usage.output_tokens), (1, 7));
     }
 
     pub async fn messages_roundtrip(store: &dyn Store) {
@@ -1386,7 +1428,7 @@ mod cases {
         ];
         // Stored at microsecond precision: nanoseconds are truncated.
         let at = t + TimeDelta::nanoseconds(123_456_789);
-        store.append_messages("s-1", at, &messages).await.expect("append");
+        store.store_turn("s-1", at, &messages, None).await.expect("append");
         let stored_at = t + micros(123_456);
         let expected: Vec<_> = messages.iter().zip(1..).map(|(m, seq)| stored(seq, m, stored_at)).collect();
         let got = history(store, "s-1").await;
@@ -1413,7 +1455,7 @@ mod cases {
                 for call in 0..CALLS {
                     let batch: Vec<_> =
                         (0..PER_CALL).map(|n| message("user", json!({"task": task, "call": call, "n": n}))).collect();
-                    store.append_messages("s-1", t + micros(task), &batch).await?;
+                    store.store_turn("s-1", t + micros(task), &batch, None).await?;
                 }
                 StoreResult::Ok(())
             })
@@ -1454,7 +1496,7 @@ mod cases {
         .await;
         let batch = [message("user", json!("one")), message("assistant", json!({"two": 2}))];
         for id in ["s-del", "s-exp", "s-idle"] {
-            store.append_messages(id, t, &batch).await.expect("append");
+            store.store_turn(id, t, &batch, None).await.expect("append");
         }
 
         // Expired, by hand or by the idle sweep: the history stays, and a
@@ -1466,16 +1508,16 @@ mod cases {
             assert_eq!(get_session(store, id).await.status, Expired);
             assert_eq!(history(store, id).await, vec![stored(1, &batch[0], t), stored(2, &batch[1], t)], "{id}");
         }
-        store.append_messages("s-exp", t, &batch[..1]).await.expect("append to an expired session");
+        store.store_turn("s-exp", t, &batch[..1], None).await.expect("append to an expired session");
         assert!(store.set_session_status("s-exp", Active, t + micros(5)).await.expect("resume"));
-        store.append_messages("s-exp", t + micros(5), &batch[1..]).await.expect("append after resume");
+        store.store_turn("s-exp", t + micros(5), &batch[1..], None).await.expect("append after resume");
         assert_eq!(seqs(&history(store, "s-exp").await), [1, 2, 3, 4]);
 
         // Deleted: the history is gone at once, for good.
         assert!(store.set_session_status("s-del", Deleted, t).await.expect("delete"));
         assert!(history(store, "s-del").await.is_empty(), "a deleted session's history lingers");
         assert!(store.list_messages("s-del", 0, 10).await.expect("list").is_empty());
-        assert!(store.append_messages("s-del", t, &batch).await.is_err(), "appended to a deleted session");
+        assert!(store.store_turn("s-del", t, &batch, None).await.is_err(), "appended to a deleted session");
         assert!(history(store, "s-del").await.is_empty());
         // Deleting an expired session purges it too.
         assert!(store.set_session_status("s-idle", Deleted, t).await.expect("delete expired"));
@@ -1499,13 +1541,13 @@ mod cases {
         .await;
         let batch = [message("user", json!({"secret": "alice's"})), message("assistant", json!("ok"))];
         for id in ["a-1", "a-2", "b-1"] {
-            store.append_messages(id, t, &batch).await.expect("append");
+            store.store_turn(id, t, &batch, None).await.expect("append");
         }
 
         assert!(store.delete_user("alice").await.expect("delete alice"));
         for id in ["a-1", "a-2"] {
             assert!(history(store, id).await.is_empty(), "{id}: a deleted user's history lingers");
-            assert!(store.append_messages(id, t, &batch).await.is_err(), "{id}: appended after the user was deleted");
+            assert!(store.store_turn(id, t, &batch, None).await.is_err(), "{id}: appended after the user was deleted");
         }
         assert_eq!(history(store, "b-1").await, vec![stored(1, &batch[0], t), stored(2, &batch[1], t)]);
 
@@ -1519,7 +1561,7 @@ mod cases {
         create_sessions(store, &[session("s-dead", "alice", t, SessionStatus::Deleted)]).await;
         let batch = [message("user", json!("lost"))];
         for id in ["unknown", "s-dead", ""] {
-            match store.append_messages(id, t, &batch).await {
+            match store.store_turn(id, t, &batch, None).await {
                 Err(StoreError::Internal(_)) => {}
                 other => panic!("append to {id:?}: expected StoreError::Internal, got {other:?}"),
             }
@@ -1531,7 +1573,7 @@ mod cases {
 
         // The session created later starts at seq 1.
         create_sessions(store, &[session("unknown", "alice", t, SessionStatus::Active)]).await;
-        store.append_messages("unknown", t, &batch).await.expect("append once it exists");
+        store.store_turn("unknown", t, &batch, None).await.expect("append once it exists");
         assert_eq!(history(store, "unknown").await, vec![stored(1, &batch[0], t)]);
     }
 
@@ -1546,7 +1588,7 @@ mod cases {
             for (i, id) in ids.iter().enumerate() {
                 let batch: Vec<_> =
                     (0..=i).map(|n| message("user", json!({"session": id, "round": round, "n": n}))).collect();
-                store.append_messages(id, t + micros(round), &batch).await.expect("append");
+                store.store_turn(id, t + micros(round), &batch, None).await.expect("append");
             }
         }
         for (i, id) in ids.iter().enumerate() {
@@ -1948,7 +1990,7 @@ mod cases {
         create_sessions(store, &[session("s-1", "alice", t, Active), session("s-2", "alice", t, Active)]).await;
         let before = [model_request("r-1", "alice", "s-1", t), model_request("r-2", "alice", "s-1", t + micros(1))];
         record_requests(store, &before).await;
-        store.append_messages("s-1", t, &[message("user", json!("hi"))]).await.expect("append");
+        store.store_turn("s-1", t, &[message("user", json!("hi"))], None).await.expect("append");
 
         assert!(store.set_session_status("s-1", Deleted, t + micros(2)).await.expect("delete session"));
         assert!(history(store, "s-1").await.is_empty(), "the session's history is purged");

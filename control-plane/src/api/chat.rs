@@ -119,7 +119,8 @@ pub struct ChatResponse {
     pub usage: Value,
     pub duration_ms: Option<u64>,
     pub num_turns: Option<u64>,
-    /// Every message the CLI wrote during the turn.
+    /// Every message the CLI wrote during the turn, except the partial
+    /// `stream_event` deltas (`POST /api/v1/chat/stream` relays those).
     #[schema(value_type = Vec<Object>)]
     pub messages: Vec<Value>,
 }

@@ -198,9 +198,7 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if !matches!(error, StoreError::Conflict(_)) {
-            crate::metrics::STORE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        crate::metrics::store_error(&error);
         match error {
             StoreError::Conflict(_) => Self::Conflict("Resource already exists".into()),
             // The store's message may name hosts or files: log it, answer

@@ -266,6 +266,7 @@ impl ModelProxy {
                 usage.total_cost_usd
             }
             Err(e) => {
+                crate::metrics::store_error(&e);
                 // Fail closed: without the spend, the budget cannot be checked.
                 tracing::warn!(%user_id, error = %e, "cannot read the user's spend");
                 f64::INFINITY
@@ -299,6 +300,7 @@ impl ModelProxy {
         let proxy = self.clone();
         self.writes.spawn(async move {
             if let Err(e) = proxy.store.record_model_request(&request).await {
+                crate::metrics::store_error(&e);
                 tracing::warn!(request_id = %request.request_id, error = %e, "cannot record a model request");
             }
         });

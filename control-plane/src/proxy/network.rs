@@ -65,7 +65,10 @@ impl Egress {
         match store.get_user(user_id).await {
             Ok(Some(user)) => self.set_user(user_id, user.allowed_domains),
             Ok(None) => {}
-            Err(e) => tracing::warn!(%user_id, error = %e, "cannot read the user's allowed domains"),
+            Err(e) => {
+                crate::metrics::store_error(&e);
+                tracing::warn!(%user_id, error = %e, "cannot read the user's allowed domains");
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use super::{
     ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, NewMessage, Session, SessionQuery,
     SessionStatus, Store, StoreError, StoreResult, StoredMessage, UsageTotals, User, check_egress_event,
-    check_model_request, listing_cursor, micros_ceil, no_session_for_messages,
+    check_model_request, listing_cursor, micros_ceil, no_session_for_turn,
 };
 use crate::config::StorageKind;
 
@@ -239,18 +239,6 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn record_turn(&self, session_id: &str, at: DateTime<Utc>, usage: &UsageTotals) -> StoreResult<bool> {
-        self.with(|s| match s.sessions.get_mut(session_id) {
-            Some(session) if session.status != SessionStatus::Deleted => {
-                session.last_active_at = at;
-                session.message_count += 1;
-                session.usage += usage;
-                true
-            }
-            _ => false,
-        })
-    }
-
     async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>> {
         self.with(|s| {
             s.sessions
@@ -264,14 +252,25 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn append_messages(&self, session_id: &str, at: DateTime<Utc>, messages: &[NewMessage]) -> StoreResult<()> {
-        if messages.is_empty() {
+    async fn store_turn(
+        &self,
+        session_id: &str,
+        at: DateTime<Utc>,
+        messages: &[NewMessage],
+        finished: Option<&UsageTotals>,
+    ) -> StoreResult<()> {
+        if messages.is_empty() && finished.is_none() {
             return Ok(());
         }
         let at = at.trunc_subsecs(6);
         self.with(|s| {
-            if s.sessions.get(session_id).is_none_or(|x| x.status == SessionStatus::Deleted) {
-                return Err(no_session_for_messages(session_id));
+            let Some(session) = s.sessions.get_mut(session_id).filter(|x| x.status != SessionStatus::Deleted) else {
+                return Err(no_session_for_turn(session_id));
+            };
+            if let Some(usage) = finished {
+                session.last_active_at = at;
+                session.message_count += 1;
+                session.usage += usage;
             }
             let history = s.messages.entry(session_id.to_owned()).or_default();
             let last = history.last().map_or(0, |m| m.seq);

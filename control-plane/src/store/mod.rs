@@ -473,24 +473,31 @@ pub trait Store: Send + Sync + 'static {
     -> StoreResult<bool>;
     /// Records activity: `last_active_at = at`, `message_count += messages`.
     async fn touch_session(&self, session_id: &str, at: DateTime<Utc>, messages: i64) -> StoreResult<bool>;
-    /// Records a finished chat turn: `last_active_at = at`, one more
-    /// message, `usage` added to the totals. False if absent or deleted.
-    async fn record_turn(&self, session_id: &str, at: DateTime<Utc>, usage: &UsageTotals) -> StoreResult<bool>;
     /// Marks active sessions idle since before `cutoff` as expired; returns
     /// their ids.
     async fn expire_idle_sessions(&self, cutoff: DateTime<Utc>) -> StoreResult<Vec<String>>;
 
-    /// Appends `messages` to a session's history, all stamped `at`
-    /// (truncated to microseconds). They get the next seqs after the
-    /// session's last one (the first message of a session is 1), in slice
-    /// order. One call is atomic and its seqs are contiguous: concurrent
-    /// calls for the same session never share or interleave seqs.
+    /// Stores one chat turn in one transaction. Appends `messages` to the
+    /// session's history, all stamped `at` (truncated to microseconds): they
+    /// get the next seqs after the session's last one (the first message of
+    /// a session is 1), in slice order. When the turn `finished` with a
+    /// result, also records it: `last_active_at = at`, one more message,
+    /// its usage added to the totals. One call is atomic and its seqs are
+    /// contiguous: concurrent calls for the same session never share or
+    /// interleave seqs.
     ///
-    /// An empty slice is a no-op (`Ok`, nothing is checked). Appending to a
-    /// session that does not exist or is deleted changes nothing and returns
-    /// `StoreError::Internal`: callers check the session first, so this is a
-    /// bug or a race with its deletion, like a broken foreign key.
-    async fn append_messages(&self, session_id: &str, at: DateTime<Utc>, messages: &[NewMessage]) -> StoreResult<()>;
+    /// No messages and no result is a no-op (`Ok`, nothing is checked).
+    /// Storing a turn of a session that does not exist or is deleted changes
+    /// nothing and returns `StoreError::Internal`: callers check the session
+    /// first, so this is a bug or a race with its deletion, like a broken
+    /// foreign key.
+    async fn store_turn(
+        &self,
+        session_id: &str,
+        at: DateTime<Utc>,
+        messages: &[NewMessage],
+        finished: Option<&UsageTotals>,
+    ) -> StoreResult<()>;
     /// Up to `limit` messages of a session with `seq > after_seq`, ascending.
     /// Empty for an unknown or deleted session.
     async fn list_messages(&self, session_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<StoredMessage>>;
@@ -525,8 +532,8 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The error for appending to a session that is absent or deleted.
-fn no_session_for_messages(session_id: &str) -> StoreError {
-    StoreError::Internal(format!("cannot append messages: session {session_id} does not exist or is deleted"))
+fn no_session_for_turn(session_id: &str) -> StoreError {
+    StoreError::Internal(format!("cannot store a turn: session {session_id} does not exist or is deleted"))
 }
 
 /// Opens the configured store and applies its migrations.

@@ -87,6 +87,37 @@ impl From<TokenRow> for ApiToken {
     }
 }
 
+/// A token with its user, read in one query when a request authenticates.
+pub(super) const AUTHENTICATE_SQL: &str = "SELECT t.token_id, t.user_id, t.token_hash, t.label, t.created_at, \
+     t.expires_at, t.last_used_at, u.role AS user_role, u.created_at AS user_created_at, u.uid AS user_uid, \
+     u.allowed_domains AS user_allowed_domains \
+     FROM api_tokens t JOIN users u ON u.user_id = t.user_id \
+     WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)";
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AuthenticatedRow {
+    #[sqlx(flatten)]
+    token: TokenRow,
+    user_role: String,
+    user_created_at: DateTime<Utc>,
+    user_uid: Option<i64>,
+    user_allowed_domains: Option<String>,
+}
+
+impl AuthenticatedRow {
+    pub(super) fn into_token_and_user(self) -> StoreResult<(ApiToken, User)> {
+        let user = UserRow {
+            user_id: self.token.user_id.clone(),
+            role: self.user_role,
+            created_at: self.user_created_at,
+            uid: self.user_uid,
+            allowed_domains: self.user_allowed_domains,
+        }
+        .into_user()?;
+        Ok((self.token.into(), user))
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(super) struct SessionRow {
     session_id: String,
@@ -149,6 +180,10 @@ impl MessageRow {
         Ok(StoredMessage { seq: self.seq, kind: self.kind, content, created_at: self.created_at })
     }
 }
+
+/// Messages per INSERT statement: 5 bound parameters each, far below
+/// SQLite's 32,766 and PostgreSQL's 65,535 per statement.
+pub(super) const INSERT_BATCH_ROWS: usize = 500;
 
 /// A message's content as stored.
 pub(super) fn message_content(message: &NewMessage) -> StoreResult<String> {
@@ -504,22 +539,18 @@ macro_rules! impl_sql_store {
                 token_hash: &str,
                 at: chrono::DateTime<chrono::Utc>,
             ) -> $crate::store::StoreResult<Option<($crate::store::ApiToken, $crate::store::User)>> {
-                let sql = format!(
-                    "SELECT {} FROM api_tokens WHERE token_hash = $1 AND (expires_at IS NULL OR expires_at > $2)",
-                    $crate::store::sql::TOKEN_COLUMNS
-                );
-                let Some(row) = sqlx::query_as::<_, $crate::store::sql::TokenRow>(&sql)
-                    .bind(token_hash)
-                    .bind(at)
-                    .fetch_optional(&self.pool)
-                    .await?
+                // One query for the token and its user: every request runs it.
+                let Some(row) = sqlx::query_as::<_, $crate::store::sql::AuthenticatedRow>(
+                    $crate::store::sql::AUTHENTICATE_SQL,
+                )
+                .bind(token_hash)
+                .bind(at)
+                .fetch_optional(&self.pool)
+                .await?
                 else {
                     return Ok(None);
                 };
-                let mut token = $crate::store::ApiToken::from(row);
-                let Some(user) = $crate::store::Store::get_user(self, &token.user_id).await? else {
-                    return Ok(None);
-                };
+                let (mut token, user) = row.into_token_and_user()?;
                 if token.last_used_at.is_none_or(|t| at - t >= $crate::store::sql::LAST_USED_GRANULARITY) {
                     sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE token_id = $2")
                         .bind(at)
@@ -705,31 +736,6 @@ macro_rules! impl_sql_store {
                 Ok(result.rows_affected() > 0)
             }
 
-            async fn record_turn(
-                &self,
-                session_id: &str,
-                at: chrono::DateTime<chrono::Utc>,
-                usage: &$crate::store::UsageTotals,
-            ) -> $crate::store::StoreResult<bool> {
-                let result = sqlx::query(
-                    "UPDATE sessions SET last_active_at = $1, message_count = message_count + 1, \
-                       input_tokens = input_tokens + $2, output_tokens = output_tokens + $3, \
-                       cache_read_tokens = cache_read_tokens + $4, \
-                       cache_creation_tokens = cache_creation_tokens + $5, total_cost_usd = total_cost_usd + $6 \
-                     WHERE session_id = $7 AND status <> 'deleted'",
-                )
-                .bind(at)
-                .bind(usage.input_tokens)
-                .bind(usage.output_tokens)
-                .bind(usage.cache_read_tokens)
-                .bind(usage.cache_creation_tokens)
-                .bind(usage.total_cost_usd)
-                .bind(session_id)
-                .execute(&self.pool)
-                .await?;
-                Ok(result.rows_affected() > 0)
-            }
-
             async fn expire_idle_sessions(
                 &self,
                 cutoff: chrono::DateTime<chrono::Utc>,
@@ -744,13 +750,14 @@ macro_rules! impl_sql_store {
                 Ok(rows.into_iter().map(|(id,)| id).collect())
             }
 
-            async fn append_messages(
+            async fn store_turn(
                 &self,
                 session_id: &str,
                 at: chrono::DateTime<chrono::Utc>,
                 messages: &[$crate::store::NewMessage],
+                finished: Option<&$crate::store::UsageTotals>,
             ) -> $crate::store::StoreResult<()> {
-                if messages.is_empty() {
+                if messages.is_empty() && finished.is_none() {
                     return Ok(());
                 }
                 let at = chrono::SubsecRound::trunc_subsecs(at, 6);
@@ -758,35 +765,61 @@ macro_rules! impl_sql_store {
                     messages.iter().map($crate::store::sql::message_content).collect::<Result<Vec<_>, _>>()?;
                 let count = i64::try_from(messages.len())
                     .map_err(|_| $crate::store::StoreError::Internal("too many messages".into()))?;
-                // Allocating the seqs is the transaction's first statement and
-                // a write: it locks the session row on PostgreSQL and takes
-                // the database's write lock on SQLite (waiting like BEGIN
-                // IMMEDIATE would), so concurrent appends to a session run one
-                // after the other and their seq ranges never overlap.
+                // The session row's update is the transaction's first
+                // statement and a write: it locks the row on PostgreSQL and
+                // takes the database's write lock on SQLite (waiting like
+                // BEGIN IMMEDIATE would), so concurrent turns of a session
+                // run one after the other and their seq ranges never overlap.
+                // One transaction per turn: one commit (one fsync) per turn.
                 let mut tx = self.pool.begin().await?;
-                let last: Option<(i64,)> = sqlx::query_as(
-                    "UPDATE sessions SET last_message_seq = last_message_seq + $1 \
-                     WHERE session_id = $2 AND status <> 'deleted' RETURNING last_message_seq",
-                )
-                .bind(count)
-                .bind(session_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let last: Option<(i64,)> = match finished {
+                    None => sqlx::query_as(
+                        "UPDATE sessions SET last_message_seq = last_message_seq + $1 \
+                         WHERE session_id = $2 AND status <> 'deleted' RETURNING last_message_seq",
+                    )
+                    .bind(count)
+                    .bind(session_id)
+                    .fetch_optional(&mut *tx)
+                    .await?,
+                    Some(usage) => sqlx::query_as(
+                        "UPDATE sessions SET last_message_seq = last_message_seq + $1, last_active_at = $3, \
+                           message_count = message_count + 1, input_tokens = input_tokens + $4, \
+                           output_tokens = output_tokens + $5, cache_read_tokens = cache_read_tokens + $6, \
+                           cache_creation_tokens = cache_creation_tokens + $7, \
+                           total_cost_usd = total_cost_usd + $8 \
+                         WHERE session_id = $2 AND status <> 'deleted' RETURNING last_message_seq",
+                    )
+                    .bind(count)
+                    .bind(session_id)
+                    .bind(at)
+                    .bind(usage.input_tokens)
+                    .bind(usage.output_tokens)
+                    .bind(usage.cache_read_tokens)
+                    .bind(usage.cache_creation_tokens)
+                    .bind(usage.total_cost_usd)
+                    .fetch_optional(&mut *tx)
+                    .await?,
+                };
                 let Some((last,)) = last else {
                     tx.rollback().await?;
-                    return Err($crate::store::no_session_for_messages(session_id));
+                    return Err($crate::store::no_session_for_turn(session_id));
                 };
-                for ((message, content), seq) in messages.iter().zip(&contents).zip(last - count + 1..) {
-                    sqlx::query(
-                        "INSERT INTO messages (session_id, seq, kind, content, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(session_id)
-                    .bind(seq)
-                    .bind(&message.kind)
-                    .bind(content)
-                    .bind(at)
-                    .execute(&mut *tx)
-                    .await?;
+                let rows: Vec<_> = messages.iter().zip(&contents).zip(last - count + 1..).collect();
+                // Multi-row INSERTs: one statement (one trip to the database)
+                // for a usual turn, well under either backend's limit on bound
+                // parameters per statement.
+                for batch in rows.chunks($crate::store::sql::INSERT_BATCH_ROWS) {
+                    let mut insert = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO messages (session_id, seq, kind, content, created_at) ",
+                    );
+                    insert.push_values(batch, |mut row, ((message, content), seq)| {
+                        row.push_bind(session_id)
+                            .push_bind(*seq)
+                            .push_bind(message.kind.as_str())
+                            .push_bind(content.as_str())
+                            .push_bind(at);
+                    });
+                    insert.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())

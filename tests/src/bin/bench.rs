@@ -6,7 +6,7 @@
 //! run. Run as root (the confinement section drops uids, the proxy section
 //! reads a CLI's credential from /proc):
 //!
-//! `cargo run --release -p integration-tests --bin bench -- [--quick] [--out BENCHMARKS.md]`
+//! `cargo run --release -p integration-tests --bin bench -- [--quick] [--only turns,relay,...] [--out BENCHMARKS.md]`
 //!
 //! `--quick` runs every section with few repetitions: it proves the harness
 //! works (CI runs it), its figures are not for comparison.
@@ -971,6 +971,9 @@ fn machine() -> String {
     )
 }
 
+/// The names `--only` takes, in the order the sections run.
+const SECTIONS: [&str; 8] = ["turns", "first", "proxy", "resume", "relay", "api", "scale", "confinement"];
+
 #[allow(clippy::print_stdout)]
 #[tokio::main]
 async fn main() {
@@ -978,6 +981,21 @@ async fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let out_path = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(PathBuf::from);
     let plan = if quick { &QUICK } else { &FULL };
+    // `--only turns,relay` runs those sections (while working on one figure).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    if let Some(unknown) = only.iter().flatten().find(|name| !SECTIONS.contains(&name.as_str())) {
+        eprintln!("bench: unknown section {unknown:?} for --only; sections: {}", SECTIONS.join(","));
+        std::process::exit(2);
+    }
+    if only.is_some() && out_path.is_some() {
+        eprintln!("bench: --only writes no results file (BENCHMARKS.md holds whole runs); drop --out");
+        std::process::exit(2);
+    }
+    let wanted = |section: &str| only.as_ref().is_none_or(|names| names.iter().any(|name| name == section));
     let started = Instant::now();
     let mut out = format!(
         "# Benchmarks\n\nProduced by `cargo run --release -p integration-tests --bin bench --{}` (as root), on loopback with the \
@@ -986,18 +1004,34 @@ async fn main() {
         machine()
     );
     let mock = MockModel::start().await.expect("mock");
-    {
+    if wanted("turns") || wanted("first") || wanted("proxy") {
         let server = server(&mock, Backend::Sqlite).await;
         let token = server.user_with_token("bench").await;
-        turns(plan, &mock, &server, &token, &mut out).await;
-        first_messages(plan, &mock, &server, &token, &mut out).await;
-        proxy(plan, &mock, &server, &token, &mut out).await;
+        if wanted("turns") {
+            turns(plan, &mock, &server, &token, &mut out).await;
+        }
+        if wanted("first") {
+            first_messages(plan, &mock, &server, &token, &mut out).await;
+        }
+        if wanted("proxy") {
+            proxy(plan, &mock, &server, &token, &mut out).await;
+        }
     }
-    resume_after_restart(plan, &mock, &mut out).await;
-    relay_throughput(plan, &mock, &mut out).await;
-    api_and_memory(plan, &mock, &mut out).await;
-    scale(plan, &mock, &mut out).await;
-    confinement(plan, &mut out);
+    if wanted("resume") {
+        resume_after_restart(plan, &mock, &mut out).await;
+    }
+    if wanted("relay") {
+        relay_throughput(plan, &mock, &mut out).await;
+    }
+    if wanted("api") {
+        api_and_memory(plan, &mock, &mut out).await;
+    }
+    if wanted("scale") {
+        scale(plan, &mock, &mut out).await;
+    }
+    if wanted("confinement") {
+        confinement(plan, &mut out);
+    }
     let _ = writeln!(out, "\nTotal run time: {:.0} s.", started.elapsed().as_secs_f64());
     println!("{out}");
     if let Some(path) = out_path {
