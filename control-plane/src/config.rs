@@ -529,6 +529,10 @@ pub struct SandboxConfig {
     pub worker_idle_timeout: u64,
     /// Seconds a worker may take to start and confine itself.
     pub worker_start_timeout: u64,
+    /// Longest line of a CLI's output, MiB (its final `assistant` and
+    /// `result` lines carry the whole reply); a longer one ends the turn
+    /// with an error. 1 to 2048.
+    pub max_output_line_mb: u64,
     pub best_effort: BestEffortConfig,
 }
 
@@ -553,6 +557,7 @@ impl Default for SandboxConfig {
             cpu_percent: 200,
             worker_idle_timeout: 600,
             worker_start_timeout: 10,
+            max_output_line_mb: 128,
             best_effort: BestEffortConfig::default(),
         }
     }
@@ -568,6 +573,11 @@ impl SandboxConfig {
         ports.sort_unstable();
         ports.dedup();
         ports
+    }
+
+    /// `max_output_line_mb` in bytes.
+    pub fn max_output_line_bytes(&self) -> usize {
+        usize::try_from(self.max_output_line_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
     }
 }
 
@@ -812,6 +822,12 @@ impl Config {
         if self.sandbox.landlock_min_abi == 0 {
             return Err(ConfigError::invalid("sandbox.landlock_min_abi", "must be at least 1"));
         }
+        if !(1..=2048).contains(&self.sandbox.max_output_line_mb) {
+            return Err(ConfigError::invalid(
+                "sandbox.max_output_line_mb",
+                format!("{} is not between 1 and 2048 (MiB)", self.sandbox.max_output_line_mb),
+            ));
+        }
         if let Some(schema) = &self.session.pg_schema {
             shared::names::validate_user_id(schema)
                 .map_err(|e| ConfigError::invalid("session.pg_schema", format!("{schema:?}: {e}")))?;
@@ -920,6 +936,26 @@ mod tests {
         assert_eq!(sandbox.tcp_ports(&[4100, 4200]), [4100, 4200]);
         sandbox.allowed_tcp_ports = Some(vec![4100, 443]);
         assert_eq!(sandbox.tcp_ports(&[4100]), [443, 4100]);
+    }
+
+    #[test]
+    fn max_output_line_mb_defaults_to_128_is_set_by_env_and_bounded() {
+        let config = load_in_jail("").expect("defaults load");
+        assert_eq!(config.sandbox.max_output_line_mb, 128);
+        assert_eq!(config.sandbox.max_output_line_bytes(), 128 * 1024 * 1024);
+        assert_eq!(load_in_jail("sandbox:\n  max_output_line_mb: 1\n").expect("valid").sandbox.max_output_line_mb, 1);
+        Jail::expect_with(|jail| {
+            jail.create_file("config.yaml", "sandbox:\n  max_output_line_mb: 64\n")?;
+            jail.set_env("CLAUDE_AGENT_SANDBOX__MAX_OUTPUT_LINE_MB", "512");
+            let config = Config::from_figment(Config::figment(Some(Path::new("config.yaml")))).expect("valid");
+            assert_eq!(config.sandbox.max_output_line_mb, 512);
+            Ok(())
+        });
+        for bad in ["0", "2049", "1000000"] {
+            let err = load_in_jail(&format!("sandbox:\n  max_output_line_mb: {bad}\n")).expect_err(bad).to_string();
+            assert!(err.contains("sandbox.max_output_line_mb") && err.contains("2048"), "{err}");
+        }
+        assert!(load_in_jail("sandbox:\n  max_output_line_mb: 2048\n").is_ok());
     }
 
     #[test]

@@ -1213,8 +1213,14 @@ mod cases {
         assert_eq!(store.list_messages("s-1", 2, 10).await.expect("list").len(), 1);
         store.set_session_status("s-1", SessionStatus::Deleted, at).await.expect("delete");
         assert_eq!(store.list_messages("s-1", 0, 10).await.expect("list").len(), 0, "deleting purges the history");
-        assert!(store.store_turn("s-1", at, &messages, Some(&turn)).await.is_err(), "stored a turn of a deleted session");
-        assert!(store.store_turn("unknown", at, &[], Some(&turn)).await.is_err(), "stored a turn of an unknown session");
+        assert!(
+            store.store_turn("s-1", at, &messages, Some(&turn)).await.is_err(),
+            "stored a turn of a deleted session"
+        );
+        assert!(
+            store.store_turn("unknown", at, &[], Some(&turn)).await.is_err(),
+            "stored a turn of an unknown session"
+        );
         assert_eq!(get_session(store, "s-1").await.message_count, 4, "a refused turn changed the session");
     }
 

@@ -9,18 +9,30 @@
 //! session of its user: each session-scoped frame names its session, and
 //! output lines carry a per-session sequence number so the control plane can
 //! detect loss.
+//!
+//! An output line of any length fits: the worker sends it in pieces of at
+//! most [`OUTPUT_PIECE_LEN`] bytes (see [`FromWorker::Output`]), and the
+//! control plane reassembles them up to its own cap.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped on every incompatible change of the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Bumped on every incompatible change of the messages below (3: output
+/// lines in pieces, [`FromWorker::Output`]'s `partial`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Largest frame either side accepts (a CLI output line can carry a whole
-/// tool result).
+/// Largest frame either side accepts.
 pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
+
+/// Most bytes of a CLI's output one [`FromWorker::Output`] frame carries;
+/// longer lines go in several pieces. Far below [`MAX_FRAME_LEN`] even in
+/// the worst case: bytes that are not UTF-8 become U+FFFD (3 bytes each),
+/// control characters `\u00XX` in JSON (6 bytes each).
+pub const OUTPUT_PIECE_LEN: usize = 4 * 1024 * 1024;
+
+const _: () = assert!(6 * OUTPUT_PIECE_LEN + 64 * 1024 <= MAX_FRAME_LEN);
 
 /// The fd the worker finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
@@ -51,8 +63,23 @@ pub enum FromWorker {
     Ready { version: u32, pid: u32, confinement: ConfinementReport },
     /// The session's process runs.
     Started { session_id: String, pid: u32 },
-    /// One line of the process's output (without the newline).
-    Output { session_id: String, seq: u64, stream: OutputStream, line: String },
+    /// One line of the process's output (without the newline), or one piece
+    /// of it: a line longer than [`OUTPUT_PIECE_LEN`] bytes goes in several
+    /// frames, in order, each but the last with `partial` set ("the line
+    /// continues in the next `Output` frame of the same session and
+    /// stream"); the line ends with the first piece whose `partial` is
+    /// false. Pieces are cut at character boundaries, so each is valid
+    /// UTF-8 on its own. All pieces of a line carry the line's `seq`
+    /// (sequence numbers count lines, not frames); lines of the other
+    /// stream may come between two pieces.
+    Output {
+        session_id: String,
+        seq: u64,
+        stream: OutputStream,
+        line: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        partial: bool,
+    },
     /// The session's process ended; `seq` is the next sequence number, so
     /// the receiver knows how many lines it should have seen.
     Exited { session_id: String, seq: u64, code: Option<i32>, signal: Option<i32> },
@@ -226,6 +253,7 @@ mod tests {
             seq: 7,
             stream: OutputStream::Stdout,
             line: "{\"type\":\"result\"}".into(),
+            partial: false,
         };
         let mut buffer = Vec::new();
         write_frame_blocking(&mut buffer, &message).expect("write");
@@ -239,5 +267,78 @@ mod tests {
         let mut garbage = 3u32.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"{x]");
         assert!(matches!(read_frame_blocking::<FromWorker>(&mut garbage.as_slice()), Err(FrameError::Json(_))));
+    }
+
+    /// Cuts `line` into pieces of at most `max` bytes at char boundaries,
+    /// as the worker does.
+    fn pieces(line: &str, max: usize) -> Vec<&str> {
+        let mut pieces = Vec::new();
+        let mut rest = line;
+        while rest.len() > max {
+            let mut cut = max;
+            while !rest.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let (piece, tail) = rest.split_at(cut);
+            pieces.push(piece);
+            rest = tail;
+        }
+        pieces.push(rest);
+        pieces
+    }
+
+    #[test]
+    fn a_long_line_split_in_pieces_round_trips() {
+        // 2.5 pieces of text with multi-byte characters and characters JSON
+        // escapes, so cuts fall inside characters.
+        let unit = "é\u{1F600}x\"\\\n\u{1}€";
+        let line = unit.repeat(OUTPUT_PIECE_LEN * 5 / 2 / unit.len());
+        let pieces = pieces(&line, OUTPUT_PIECE_LEN);
+        assert_eq!(pieces.len(), 3);
+        let mut wire = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let message = FromWorker::Output {
+                session_id: "s1".into(),
+                seq: 41,
+                stream: OutputStream::Stdout,
+                line: (*piece).to_owned(),
+                partial: i + 1 < pieces.len(),
+            };
+            write_frame_blocking(&mut wire, &message).expect("a piece fits in a frame");
+        }
+        let mut reader = wire.as_slice();
+        let mut assembled = String::new();
+        loop {
+            let FromWorker::Output { seq, line, partial, .. } = read_frame_blocking(&mut reader).expect("read") else {
+                panic!("not an output frame");
+            };
+            assert_eq!(seq, 41, "every piece carries the line's seq");
+            assert!(line.len() <= OUTPUT_PIECE_LEN);
+            assembled.push_str(&line);
+            if !partial {
+                break;
+            }
+        }
+        assert!(reader.is_empty());
+        assert_eq!(assembled, line);
+    }
+
+    #[test]
+    fn partial_is_left_out_when_false_and_defaults_to_false() {
+        let whole = FromWorker::Output {
+            session_id: "s".into(),
+            seq: 0,
+            stream: OutputStream::Stderr,
+            line: "x".into(),
+            partial: false,
+        };
+        let json = serde_json::to_string(&whole).expect("json");
+        assert!(!json.contains("partial"), "{json}");
+        assert_eq!(serde_json::from_str::<FromWorker>(&json).expect("parse"), whole);
+        let FromWorker::Output { session_id, seq, stream, line, .. } = whole else { unreachable!() };
+        let piece = FromWorker::Output { session_id, seq, stream, line, partial: true };
+        let json = serde_json::to_string(&piece).expect("json");
+        assert!(json.contains(r#""partial":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<FromWorker>(&json).expect("parse"), piece);
     }
 }

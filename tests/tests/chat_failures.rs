@@ -730,7 +730,8 @@ async fn deleting_a_session_kills_its_cli() {
 
 /// A stand-in CLI that breaks the stream-json protocol on demand: a user
 /// message containing `not-json` gets a line that is not JSON, `huge` a
-/// 40 MB line (over the worker's frame limit); anything else a result.
+/// 40 MB line that is not JSON either (it crosses the worker in pieces and
+/// arrives whole, under the default cap); anything else a result.
 const BROKEN_CLI: &str = r#"#!/bin/sh
 while IFS= read -r line; do
   case "$line" in
@@ -758,7 +759,7 @@ async fn a_cli_that_breaks_the_protocol_ends_its_turn_not_the_worker_or_the_serv
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
     assert_replies_fine(&server, &alice, &session).await;
-    for (message, expected) in [("not-json please", "not JSON"), ("huge please", "longer than")] {
+    for (message, expected) in [("not-json please", "not JSON"), ("huge please", "not JSON")] {
         let broken = server.chat(&alice, &session, message).await;
         broken.assert_error(StatusCode::BAD_GATEWAY, "cli_failed");
         assert!(broken.body["detail"].as_str().is_some_and(|d| d.contains(expected)), "{broken:?}");
@@ -766,6 +767,70 @@ async fn a_cli_that_breaks_the_protocol_ends_its_turn_not_the_worker_or_the_serv
         assert_replies_fine(&server, &alice, &session).await;
     }
     assert_eq!(server.get("/health", &alice).await.status, StatusCode::OK);
+    let log = server.log();
+    assert!(!log.contains("bad frame from worker") && !log.contains("worker exited"), "{log}");
+}
+
+/// A reply far longer than a worker frame (the CLI's `assistant` and
+/// `result` lines carry all of it) crosses the worker in pieces and arrives
+/// whole, over sync chat and over SSE.
+#[tokio::test]
+async fn a_40_mb_reply_arrives_whole_over_sync_chat_and_sse() {
+    const REPLY_BYTES: usize = 40_000_000;
+    let mock = MockModel::start().await.expect("mock");
+    // A session buffer that holds the whole turn's frames (some 130 MB: the
+    // deltas twice, the result once): a live reader slower than the CLI
+    // (this test's, unoptimised) would otherwise get a `gap` for frames that
+    // went out of the default 4 MiB one.
+    let config = ServerConfig::default().env("CLAUDE_AGENT_API__STREAM_BUFFER_BYTES", (256 << 20).to_string());
+    let server = server_with_cli(&mock, config).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let message = format!("mock:reply-bytes {REPLY_BYTES}");
+
+    let started = Instant::now();
+    let reply = server.chat(&alice, &session, &message).await;
+    let took = started.elapsed();
+    eprintln!("a {REPLY_BYTES}-byte reply over POST /api/v1/chat took {took:?}");
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}
+{}",
+        &reply.text[..reply.text.len().min(2000)],
+        server.log()
+    );
+    assert_eq!(reply.body["text"].as_str().map(str::len), Some(REPLY_BYTES));
+
+    let started = Instant::now();
+    let stream = server.open_stream(&alice, &session, &message).await;
+    let events = read_sse(stream, |e| matches!(e.kind(), "done" | "error")).await;
+    eprintln!("the same over SSE took {:?}", started.elapsed());
+    let kinds: Vec<&str> = events.iter().map(SseEvent::kind).filter(|k| *k != "text_delta").collect();
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}\n{}", server.log());
+    assert!(kinds.contains(&"result") && !kinds.contains(&"gap"), "{kinds:?}");
+    assert_eq!(streamed_text(&events).len(), REPLY_BYTES);
+}
+
+/// A line longer than `sandbox.max_output_line_mb` ends its turn with 502
+/// naming the limit; the server and the user's worker go on.
+#[tokio::test]
+async fn a_line_over_the_configured_cap_ends_the_turn_with_502_naming_the_limit() {
+    let mock = MockModel::start().await.expect("mock");
+    let config = ServerConfig::default().yaml("sandbox:\n  max_output_line_mb: 1\n");
+    let server = server_with_cli(&mock, config).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let reply = server.chat(&alice, &session, "mock:reply-bytes 3000000").await;
+    reply.assert_error(StatusCode::BAD_GATEWAY, "cli_failed");
+    let detail = reply.body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("longer than 1 MiB") && detail.contains("sandbox.max_output_line_mb"),
+        "{detail}\n{}",
+        server.log()
+    );
+    let other = server.session(&alice, json!({})).await;
+    assert_replies(&server, &alice, &other, "small again", "after the dropped line").await;
     let log = server.log();
     assert!(!log.contains("bad frame from worker") && !log.contains("worker exited"), "{log}");
 }

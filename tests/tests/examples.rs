@@ -6,8 +6,10 @@
 //! Every example creates a session, streams a turn over SSE, hangs up after two
 //! text frames, reconnects with `Last-Event-ID`, reads the history, resumes the
 //! session and sends a follow-up; the mock's directives make the replies known.
-//! A tool an example needs (bash, curl, jq; python3 with venv and pip; node)
-//! that is missing fails the test under `CI=true` and skips it elsewhere.
+//! A tool an example needs (bash, curl, jq; python3 with venv and pip; node
+//! and npm) that is missing fails the test under `CI=true` and skips it
+//! elsewhere. The TypeScript example is compiled with its pinned `tsc`
+//! (strict) before it runs.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -106,6 +108,7 @@ async fn assert_example_worked(label: &str, output: &Output, mock: &MockServer, 
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}", server.log());
     assert!(output.status.success(), "the {label} example failed ({})\n{context}", output.status);
+    eprintln!("the {label} example printed (visible with --nocapture):\n{stdout}");
     for expected in [
         "health: healthy".to_owned(),
         "session: created ".to_owned(),
@@ -199,16 +202,54 @@ async fn the_python_example_streams_reconnects_reads_history_and_resumes() {
     assert_example_worked("python", &output, &mock, &server, &token).await;
 }
 
+/// `examples/typescript/dist/client.js`: the pinned dependencies installed
+/// with `npm ci` (from the npm registry, again when `package-lock.json`
+/// changes) and `client.ts` compiled by the pinned TypeScript in strict mode
+/// (`tsc -p`, which fails on any type error).
+fn typescript_client() -> Option<PathBuf> {
+    // fetch, web streams, AbortSignal.timeout, Array.prototype.at: Node 18 has them all.
+    let node_18: &[&str] = &["-e", "process.exit(Number(process.versions.node.split('.')[0]) >= 18 ? 0 : 1)"];
+    if !tools_present("TypeScript", &[("node", node_18), ("npm", &["--version"])]) {
+        return None;
+    }
+    let dir = repo().join("examples/typescript");
+    let lock = std::fs::read_to_string(dir.join("package-lock.json")).expect("examples/typescript/package-lock.json");
+    let stamp = dir.join("node_modules/.installed-package-lock.json");
+    if !std::fs::read_to_string(&stamp).is_ok_and(|s| s == lock) {
+        let installed = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .output()
+            .expect("npm ci");
+        assert!(
+            installed.status.success(),
+            "npm ci in examples/typescript failed (the npm registry must be reachable):\n{}{}",
+            text(&installed.stdout),
+            text(&installed.stderr)
+        );
+        std::fs::write(&stamp, lock).expect("write the node_modules stamp");
+    }
+    let compiled = std::process::Command::new("node")
+        .arg(dir.join("node_modules/typescript/bin/tsc"))
+        .arg("-p")
+        .arg(&dir)
+        .output()
+        .expect("tsc");
+    assert!(
+        compiled.status.success(),
+        "tsc -p examples/typescript failed:\n{}{}",
+        text(&compiled.stdout),
+        text(&compiled.stderr)
+    );
+    Some(dir.join("dist/client.js"))
+}
+
 #[tokio::test]
 async fn the_typescript_example_streams_reconnects_reads_history_and_resumes() {
-    // fetch and async-iterable response bodies: Node 18+; the example says 20.
-    let node_20: &[&str] = &["-e", "process.exit(Number(process.versions.node.split('.')[0]) >= 20 ? 0 : 1)"];
-    if !tools_present("TypeScript", &[("node", node_20)]) {
-        return;
-    }
+    let Some(client) = typescript_client() else { return };
     let (mock, server, token) = server_with_user().await;
-    let output =
-        run_example(&server, &token, "typescript", Path::new("node"), &["examples/typescript/client.mjs"]).await;
+    let client = client.to_str().expect("UTF-8 path");
+    let output = run_example(&server, &token, "typescript", Path::new("node"), &[client]).await;
     assert_example_worked("typescript", &output, &mock, &server, &token).await;
 }
 

@@ -4,8 +4,9 @@
 //!
 //! Each session's CLI runs in its own process group, with PDEATHSIG, an
 //! environment built from scratch and piped stdio. Its output lines go back
-//! as `Output` frames numbered per session; `Exited` carries the next number
-//! so the control plane can tell whether it saw every line.
+//! as `Output` frames numbered per session (a long line in pieces, never
+//! held whole); `Exited` carries the next number so the control plane can
+//! tell whether it saw every line.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -16,21 +17,54 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use shared::protocol::{FromWorker, MAX_FRAME_LEN, OutputStream, ProcessSpec, ToWorker, WorkerConfig};
+use shared::protocol::{
+    FromWorker, MAX_FRAME_LEN, OUTPUT_PIECE_LEN, OutputStream, ProcessSpec, ToWorker, WorkerConfig,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::bytes::Bytes;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-/// Longest output line relayed (room left for the frame's JSON envelope).
-const MAX_LINE: usize = MAX_FRAME_LEN - 64 * 1024;
+/// Bytes of output lines that may wait to be written to the control socket:
+/// beyond, relaying waits (and the CLI blocks on its full pipe) instead of
+/// the worker's memory growing with a CLI that writes faster than the
+/// control plane reads.
+const OUTPUT_BUDGET: usize = 4 * OUTPUT_PIECE_LEN;
 
 /// How long output is still relayed after the CLI exited.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 
-type Outbox = mpsc::UnboundedSender<FromWorker>;
+/// The frames to the control plane, in order; output pieces hold a share
+/// of [`OUTPUT_BUDGET`] until they are written.
+#[derive(Clone)]
+struct Outbox {
+    frames: mpsc::UnboundedSender<(FromWorker, Option<OwnedSemaphorePermit>)>,
+    output_budget: Arc<Semaphore>,
+}
+
+impl Outbox {
+    fn new() -> (Self, mpsc::UnboundedReceiver<(FromWorker, Option<OwnedSemaphorePermit>)>) {
+        let (frames, outgoing) = mpsc::unbounded_channel();
+        (Self { frames, output_budget: Arc::new(Semaphore::new(OUTPUT_BUDGET)) }, outgoing)
+    }
+
+    fn send(&self, message: FromWorker) -> bool {
+        self.frames.send((message, None)).is_ok()
+    }
+
+    /// Sends an `Output` frame once the budget has room for it.
+    async fn send_output(&self, message: FromWorker) {
+        let bytes = match &message {
+            FromWorker::Output { line, .. } => line.len(),
+            _ => 0,
+        };
+        let permits = bytes.clamp(1, OUTPUT_BUDGET) as u32;
+        let Ok(permit) = self.output_budget.clone().acquire_many_owned(permits).await else { return };
+        let _ = self.frames.send((message, Some(permit)));
+    }
+}
 
 /// A running CLI process of one session.
 struct Running {
@@ -47,13 +81,16 @@ async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<
     control.set_nonblocking(true)?;
     let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_LEN).new_codec();
     let (mut sink, mut frames) = Framed::new(UnixStream::from_std(control)?, codec).split::<Bytes>();
-    let (outbox, mut outgoing) = mpsc::unbounded_channel::<FromWorker>();
+    let (outbox, mut outgoing) = Outbox::new();
     let writer = tokio::spawn(async move {
-        while let Some(message) = outgoing.recv().await {
+        while let Some((message, budget)) = outgoing.recv().await {
             let Ok(bytes) = serde_json::to_vec(&message) else { continue };
+            drop(message);
             if sink.send(Bytes::from(bytes)).await.is_err() {
                 break;
             }
+            // Written: its share of the output budget is free again.
+            drop(budget);
         }
     });
     let (exits, mut exited) = mpsc::unbounded_channel::<FromWorker>();
@@ -281,9 +318,12 @@ async fn opt(future: Option<impl std::future::Future<Output = ()>>) {
     }
 }
 
-/// Sends each line of `reader` as an `Output` frame; a line longer than
-/// [`MAX_LINE`] is dropped with an `Error` frame instead of breaking the
-/// protocol.
+/// Sends each line of `reader` as `Output` frames: whole when it fits in
+/// [`OUTPUT_PIECE_LEN`] bytes, else in pieces of at most that many bytes
+/// (each but the last `partial`), so no line is ever held whole; the control
+/// plane reassembles them and caps their length. Bytes that are not UTF-8
+/// become U+FFFD, as in a whole line: a character cut by a piece's end goes
+/// into the next piece.
 async fn relay(
     reader: impl AsyncRead + Unpin,
     stream: OutputStream,
@@ -292,42 +332,63 @@ async fn relay(
     outbox: &Outbox,
 ) {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
-    let mut line = Vec::new();
+    let mut piece = Vec::new();
+    // The first bytes of a character the previous piece's end cut.
+    let mut carry = Vec::new();
+    // The seq of the line whose first pieces were sent, if any.
+    let mut line_seq = None;
     loop {
-        line.clear();
-        let read = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await;
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line.last() != Some(&b'\n') && line.len() > MAX_LINE {
-            report(outbox, Some(session_id), format!("{stream:?} line longer than {MAX_LINE} bytes dropped"));
-            // Skip the rest of the oversized line without holding it.
-            loop {
-                let Ok(buffer) = reader.fill_buf().await else { return };
-                if buffer.is_empty() {
-                    return;
-                }
-                match buffer.iter().position(|&b| b == b'\n') {
-                    Some(end) => {
-                        reader.consume(end + 1);
-                        break;
-                    }
-                    None => {
-                        let all = buffer.len();
-                        reader.consume(all);
-                    }
-                }
+        piece.clear();
+        piece.append(&mut carry);
+        let room = (OUTPUT_PIECE_LEN - piece.len()) as u64;
+        let read = (&mut reader).take(room).read_until(b'\n', &mut piece).await;
+        let (partial, last) = match read {
+            // The end of the output: a line in progress ends here.
+            Ok(0) | Err(_) if piece.is_empty() && line_seq.is_none() => return,
+            Ok(0) | Err(_) => (false, true),
+            Ok(_) if piece.last() == Some(&b'\n') => {
+                piece.pop();
+                (false, false)
             }
-            continue;
+            // The piece is full (else the output ended: a last line without
+            // its newline, sent as it is).
+            Ok(_) if piece.len() == OUTPUT_PIECE_LEN => {
+                carry.extend_from_slice(&piece[char_cut(&piece)..]);
+                piece.truncate(piece.len() - carry.len());
+                (true, false)
+            }
+            Ok(_) => (false, false),
+        };
+        let line = String::from_utf8_lossy(&piece).into_owned();
+        let seq = *line_seq.get_or_insert_with(|| seq.fetch_add(1, Ordering::SeqCst));
+        line_seq = partial.then_some(seq);
+        outbox.send_output(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line, partial }).await;
+        if last {
+            return;
         }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        }
-        let text = String::from_utf8_lossy(&line).into_owned();
-        let seq = seq.fetch_add(1, Ordering::SeqCst);
-        let _ = outbox.send(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line: text });
     }
+}
+
+/// Where `bytes` may be cut so that no character is split: before the last
+/// character when that one is incomplete, else at the end. (Bytes that are
+/// no character anyway are left where they are: they become U+FFFD either
+/// way.)
+fn char_cut(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let at = bytes.len() - back;
+        let byte = bytes[at];
+        if byte & 0b1100_0000 == 0b1000_0000 {
+            continue; // a continuation byte: its lead is further back
+        }
+        let needs = match byte {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => 1,
+        };
+        return if back < needs { at } else { bytes.len() };
+    }
+    bytes.len()
 }
 
 fn signal_group(pgid: i32, signal: i32) {
@@ -375,5 +436,103 @@ fn kill_descendants() {
         }
         std::thread::sleep(Duration::from_millis(20));
         reap_orphans(&[]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_fall_before_an_incomplete_character_only() {
+        assert_eq!(char_cut(b"abc"), 3);
+        assert_eq!(char_cut("aé".as_bytes()), 3);
+        assert_eq!(char_cut(&"aé".as_bytes()[..2]), 1);
+        let smiley = "a\u{1F600}".as_bytes();
+        for end in 2..5 {
+            assert_eq!(char_cut(&smiley[..end]), 1, "{end}");
+        }
+        assert_eq!(char_cut(smiley), 5);
+        // Stray continuation bytes and bytes that lead nothing stay.
+        assert_eq!(char_cut(b"a\x80\x80\x80\x80"), 5);
+        assert_eq!(char_cut(b"a\xff"), 2);
+    }
+
+    /// The frames `relay` sends for `output`, and the lines they make.
+    async fn relayed(output: &[u8]) -> (Vec<(u64, String, bool)>, u64) {
+        let (outbox, mut outgoing) = Outbox::new();
+        let seq = AtomicU64::new(0);
+        let collect = async {
+            let mut frames = Vec::new();
+            while let Some((message, _budget)) = outgoing.recv().await {
+                let FromWorker::Output { seq, line, partial, session_id, stream } = message else {
+                    panic!("{message:?}")
+                };
+                assert_eq!((session_id.as_str(), stream), ("s", OutputStream::Stdout));
+                frames.push((seq, line, partial));
+            }
+            frames
+        };
+        let relay = async move {
+            relay(output, OutputStream::Stdout, "s", &seq, &outbox).await;
+            drop(outbox);
+            seq.load(Ordering::SeqCst)
+        };
+        let (frames, lines) = tokio::join!(collect, relay);
+        (frames, lines)
+    }
+
+    fn assemble(frames: &[(u64, String, bool)]) -> Vec<(u64, String)> {
+        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut open = false;
+        for (seq, piece, partial) in frames {
+            assert!(piece.len() <= OUTPUT_PIECE_LEN);
+            match lines.last_mut() {
+                Some((last, text)) if open => {
+                    assert_eq!(last, seq, "every piece carries its line's seq");
+                    text.push_str(piece);
+                }
+                _ => lines.push((*seq, piece.clone())),
+            }
+            open = *partial;
+        }
+        assert!(!open, "the last line was ended");
+        lines
+    }
+
+    #[tokio::test]
+    async fn long_lines_go_in_pieces_cut_between_characters() {
+        // 2.5 pieces, the cuts falling inside 3- and 4-byte characters.
+        let unit = "ab€\u{1F600}";
+        let long = unit.repeat(OUTPUT_PIECE_LEN * 5 / 2 / unit.len());
+        let output = format!("short\n{long}\n\nlast without newline");
+        let (frames, count) = relayed(output.as_bytes()).await;
+        assert_eq!(frames.iter().filter(|f| f.2).count(), 2, "two partial pieces");
+        let lines = assemble(&frames);
+        let expected: Vec<(u64, String)> = ["short", long.as_str(), "", "last without newline"]
+            .iter()
+            .zip(0..)
+            .map(|(l, s)| (s, (*l).to_owned()))
+            .collect();
+        assert_eq!(lines, expected);
+        assert_eq!(count, 4);
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_becomes_replacement_characters_as_in_a_whole_line() {
+        // A line of exactly one piece whose end cuts a character, with
+        // invalid bytes around the cut and a cut character at the very end.
+        let mut line = vec![b'x'; OUTPUT_PIECE_LEN - 2];
+        line.extend_from_slice("€".as_bytes()); // cut after its first 2 bytes
+        line.extend_from_slice(b"\xff\x80ok\xe2\x82");
+        let mut output = line.clone();
+        output.push(b'\n');
+        output.extend_from_slice(b"\xc3");
+        let (frames, count) = relayed(&output).await;
+        let lines = assemble(&frames);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].1, String::from_utf8_lossy(&line));
+        assert_eq!(lines[1].1, "\u{FFFD}");
+        assert_eq!(count, 2);
     }
 }

@@ -72,9 +72,96 @@ pub enum SupervisorError {
 /// Per-session bookkeeping inside a worker handle.
 struct SessionSlot {
     events: broadcast::Sender<ProcessEvent>,
-    next_seq: u64,
+    lines: LineAssembler,
     pid: Option<u32>,
     cgroup: Option<UserCgroup>,
+}
+
+/// Reassembles one session's output lines from the worker's pieces (see
+/// [`FromWorker::Output`]), checks their numbering, and drops a line that
+/// grows past `max_line` bytes (`sandbox.max_output_line_mb`) as soon as it
+/// does, ignoring its remaining pieces.
+#[derive(Debug)]
+struct LineAssembler {
+    /// The seq the next line should carry.
+    next_seq: u64,
+    max_line: usize,
+    /// The line being assembled on each stream (stdout, stderr).
+    pending: [Option<PendingLine>; 2],
+}
+
+#[derive(Debug)]
+struct PendingLine {
+    seq: u64,
+    /// `None` once the line was dropped: its remaining pieces are ignored.
+    text: Option<String>,
+}
+
+impl LineAssembler {
+    fn new(max_line: usize) -> Self {
+        Self { next_seq: 0, max_line, pending: [None, None] }
+    }
+
+    /// Takes one `Output` frame; returns the events it completes: a `Gap`
+    /// when lines were lost, then the line, or the `Error` that says it was
+    /// dropped (once per line).
+    fn push(&mut self, seq: u64, stream: OutputStream, piece: String, partial: bool) -> Vec<ProcessEvent> {
+        let mut events = Vec::new();
+        let index = match stream {
+            OutputStream::Stdout => 0,
+            OutputStream::Stderr => 1,
+        };
+        let text = match self.pending[index].take() {
+            Some(PendingLine { seq: line, text }) if line == seq => match text {
+                Some(mut text) if text.len() + piece.len() <= self.max_line => {
+                    text.push_str(&piece);
+                    Some(text)
+                }
+                // Past the cap: the buffer goes now.
+                Some(_) => None,
+                // The rest of a dropped line.
+                None => {
+                    if partial {
+                        self.pending[index] = Some(PendingLine { seq, text: None });
+                    }
+                    return events;
+                }
+            },
+            unfinished => {
+                // A line the worker never finished (it always does) is lost.
+                if let Some(line) = unfinished {
+                    events.push(ProcessEvent::Gap { expected: line.seq, got: seq });
+                }
+                if seq != self.next_seq {
+                    events.push(ProcessEvent::Gap { expected: self.next_seq, got: seq });
+                }
+                self.next_seq = seq + 1;
+                (piece.len() <= self.max_line).then_some(piece)
+            }
+        };
+        match text {
+            Some(text) if partial => self.pending[index] = Some(PendingLine { seq, text: Some(text) }),
+            Some(line) => events.push(ProcessEvent::Line { seq, stream, line }),
+            None => {
+                if partial {
+                    self.pending[index] = Some(PendingLine { seq, text: None });
+                }
+                events.push(ProcessEvent::Error(self.too_long(stream)));
+            }
+        }
+        events
+    }
+
+    /// The message of a dropped line, as the turn's error shows it.
+    fn too_long(&self, stream: OutputStream) -> String {
+        const MIB: usize = 1024 * 1024;
+        let limit = if self.max_line.is_multiple_of(MIB) {
+            format!("{} MiB", self.max_line / MIB)
+        } else {
+            format!("{} bytes", self.max_line)
+        };
+        format!("{stream:?} line longer than {limit} dropped, the limit set by sandbox.max_output_line_mb")
+    }
 }
 
 /// A running worker of one user.
@@ -139,18 +226,22 @@ impl Worker {
                 }
                 (session_id, ProcessEvent::Started { pid })
             }
-            FromWorker::Output { session_id, seq, stream, line } => {
+            FromWorker::Output { session_id, seq, stream, line, partial } => {
                 let Some(slot) = sessions.get_mut(&session_id) else { return };
-                if seq != slot.next_seq {
-                    let _ = slot.events.send(ProcessEvent::Gap { expected: slot.next_seq, got: seq });
+                for event in slot.lines.push(seq, stream, line, partial) {
+                    if let ProcessEvent::Error(message) = &event {
+                        tracing::warn!(user_id = %self.user_id, %session_id, %message, "output line dropped");
+                    }
+                    let _ = slot.events.send(event);
                 }
-                slot.next_seq = seq + 1;
-                (session_id, ProcessEvent::Line { seq, stream, line })
+                return;
             }
             FromWorker::Exited { session_id, seq, code, signal } => {
+                // A line still being assembled (cut off by the process's end)
+                // goes with the slot.
                 let Some(slot) = sessions.remove(&session_id) else { return };
-                if seq != slot.next_seq {
-                    let _ = slot.events.send(ProcessEvent::Gap { expected: slot.next_seq, got: seq });
+                if seq != slot.lines.next_seq {
+                    let _ = slot.events.send(ProcessEvent::Gap { expected: slot.lines.next_seq, got: seq });
                 }
                 // The session is over: whatever it left (setsid daemons
                 // included) dies with its cgroup. This is the one place a
@@ -297,6 +388,7 @@ impl Supervisor {
         mut spec: ProcessSpec,
     ) -> Result<broadcast::Receiver<ProcessEvent>, SupervisorError> {
         let worker = self.ensure_worker(user_id).await?;
+        let max_line = self.config.sandbox.max_output_line_bytes();
         let (events, receiver) = broadcast::channel(4096);
         let cgroup = worker.cgroup.as_ref().and_then(|c| match c.child(&session_cgroup_name(session_id)) {
             Ok(child) => Some(child),
@@ -319,11 +411,10 @@ impl Supervisor {
                 spec.join_cgroups = cgroup.procs_files();
             }
         }
-        worker
-            .sessions
-            .lock()
-            .map_err(|_| SupervisorError::Start("worker state poisoned".into()))?
-            .insert(session_id.to_owned(), SessionSlot { events, next_seq: 0, pid: None, cgroup });
+        worker.sessions.lock().map_err(|_| SupervisorError::Start("worker state poisoned".into()))?.insert(
+            session_id.to_owned(),
+            SessionSlot { events, lines: LineAssembler::new(max_line), pid: None, cgroup },
+        );
         worker.touch();
         if !worker.send(ToWorker::Start { session_id: session_id.to_owned(), spec }) {
             return Err(SupervisorError::Start("the worker exited".into()));
@@ -640,4 +731,68 @@ fn prepare_user_dir(user_dir: &Path, owner: Option<UserIds>) -> std::io::Result<
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(seq: u64, stream: OutputStream, text: &str) -> ProcessEvent {
+        ProcessEvent::Line { seq, stream, line: text.to_owned() }
+    }
+
+    #[test]
+    fn pieces_are_reassembled_per_stream_in_order() {
+        use OutputStream::{Stderr, Stdout};
+        let mut lines = LineAssembler::new(1024);
+        assert_eq!(lines.push(0, Stdout, "whole".into(), false), [line(0, Stdout, "whole")]);
+        assert!(lines.push(1, Stdout, "{\"a\":".into(), true).is_empty());
+        // A stderr line between two pieces of a stdout line.
+        assert!(lines.push(2, Stderr, "warn".into(), true).is_empty());
+        assert!(lines.push(1, Stdout, "\"é".into(), true).is_empty());
+        assert_eq!(lines.push(2, Stderr, "ing".into(), false), [line(2, Stderr, "warning")]);
+        assert_eq!(lines.push(1, Stdout, "\"}".into(), false), [line(1, Stdout, "{\"a\":\"é\"}")]);
+        // An empty last piece ends the line too.
+        assert!(lines.push(3, Stdout, "abc".into(), true).is_empty());
+        assert_eq!(lines.push(3, Stdout, String::new(), false), [line(3, Stdout, "abc")]);
+        assert_eq!(lines.next_seq, 4);
+        // A lost line shows as a gap, the line itself still arrives.
+        assert_eq!(
+            lines.push(5, Stdout, "x".into(), false),
+            [ProcessEvent::Gap { expected: 4, got: 5 }, line(5, Stdout, "x")]
+        );
+    }
+
+    #[test]
+    fn a_line_past_the_cap_is_dropped_once_and_the_next_line_passes() {
+        use OutputStream::Stdout;
+        let mut lines = LineAssembler::new(10);
+        assert_eq!(lines.push(0, Stdout, "0123456789".into(), false), [line(0, Stdout, "0123456789")]);
+        // Over the cap in one piece.
+        let events = lines.push(1, Stdout, "0123456789a".into(), false);
+        assert!(matches!(&events[..], [ProcessEvent::Error(m)] if m.contains("longer than 10 bytes")), "{events:?}");
+        // Over the cap after a few pieces: one error, the buffer is freed at
+        // once and the remaining pieces are ignored.
+        assert!(lines.push(2, Stdout, "01234".into(), true).is_empty());
+        let events = lines.push(2, Stdout, "567890".into(), true);
+        assert!(
+            matches!(&events[..], [ProcessEvent::Error(m)] if m.contains("sandbox.max_output_line_mb")),
+            "{events:?}"
+        );
+        assert!(matches!(&lines.pending[0], Some(PendingLine { seq: 2, text: None })));
+        assert!(lines.push(2, Stdout, "more".into(), true).is_empty());
+        assert!(lines.push(2, Stdout, "end".into(), false).is_empty());
+        assert!(lines.pending[0].is_none());
+        assert_eq!(lines.push(3, Stdout, "fine".into(), false), [line(3, Stdout, "fine")]);
+        assert_eq!(lines.next_seq, 4);
+    }
+
+    #[test]
+    fn the_message_names_the_limit_in_mib_and_the_key() {
+        let lines = LineAssembler::new(Config::default().sandbox.max_output_line_bytes());
+        assert_eq!(
+            lines.too_long(OutputStream::Stdout),
+            "Stdout line longer than 128 MiB dropped, the limit set by sandbox.max_output_line_mb"
+        );
+    }
 }
