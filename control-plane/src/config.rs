@@ -844,9 +844,19 @@ impl Config {
         self.api.host == "localhost" || self.api.host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 
-    /// The effective configuration as YAML, secrets masked.
+    /// The effective configuration as YAML, secrets masked: the `Secret`
+    /// fields, and the values of MCP servers' `env` and `headers` (where
+    /// their tokens go).
     pub fn to_masked_yaml(&self) -> String {
-        serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+        let mut masked = self.clone();
+        for server in masked.mcp_servers.values_mut() {
+            for key in ["env", "headers"] {
+                if let Some(serde_json::Value::Object(values)) = server.get_mut(key) {
+                    values.values_mut().for_each(|value| *value = serde_json::Value::String("***".into()));
+                }
+            }
+        }
+        serde_yaml::to_string(&masked).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }
 
@@ -975,6 +985,14 @@ mod tests {
         config.anthropic.api_key = Some(Secret::new("sk-ant-very-secret"));
         assert!(!format!("{config:?}").contains("very-secret"));
         assert!(!config.to_masked_yaml().contains("very-secret"));
+        config.mcp_servers.insert(
+            "tracker".into(),
+            serde_json::json!({"command": "tracker-mcp", "env": {"TRACKER_TOKEN": "very-secret-env"},
+                               "url": "https://mcp.example", "headers": {"Authorization": "Bearer very-secret-header"}}),
+        );
+        let yaml = config.to_masked_yaml();
+        assert!(!yaml.contains("very-secret"), "{yaml}");
+        assert!(yaml.contains("TRACKER_TOKEN") && yaml.contains("tracker-mcp"), "{yaml}");
     }
 
     #[test]
