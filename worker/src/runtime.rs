@@ -95,7 +95,9 @@ async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<
     });
     let (exits, mut exited) = mpsc::unbounded_channel::<FromWorker>();
     let mut running: HashMap<String, Running> = HashMap::new();
-    let mut reap = tokio::time::interval(Duration::from_secs(1));
+    // Not at once: the first tick of `interval` fires immediately, and the
+    // first thing a new worker does is start a CLI.
+    let mut reap = tokio::time::interval_at(tokio::time::Instant::now() + REAP_PERIOD, REAP_PERIOD);
 
     loop {
         tokio::select! {
@@ -397,19 +399,28 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// Children of this worker according to /proc (orphans reparented to us as
-/// subreaper included).
+/// How often zombie orphans are reaped.
+const REAP_PERIOD: Duration = Duration::from_secs(1);
+
+/// Children of this worker (orphans reparented to us as subreaper
+/// included) with their state. Read from each thread's `children` list,
+/// which costs per child, not per process on the machine: the scan of
+/// every `/proc/<pid>/stat` it replaces took milliseconds on a busy host,
+/// in the loop that relays the CLIs' output.
 fn children() -> Vec<(i32, char)> {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    let mut pids: Vec<i32> = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|pid| pid.parse().ok()).collect::<Vec<_>>())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
-            // Fields after the command's closing parenthesis: state, ppid.
-            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-            let state = fields.next()?.chars().next()?;
-            (fields.next()? == me).then_some((pid, state))
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The field after the command's closing parenthesis: the state.
+            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()?;
+            Some((pid, state))
         })
         .collect()
 }
@@ -442,6 +453,27 @@ fn kill_descendants() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn children_lists_own_children_with_their_state() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let pid = child.id() as i32;
+        let state = children().into_iter().find(|(p, _)| *p == pid).map(|(_, s)| s);
+        assert!(matches!(state, Some('S' | 'R')), "{state:?}");
+        child.kill().expect("kill");
+        // Killed, not yet waited for: a zombie until reaped.
+        let mut zombie = false;
+        for _ in 0..100 {
+            if children().contains(&(pid, 'Z')) {
+                zombie = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(zombie, "the killed child never showed as a zombie");
+        child.wait().expect("wait");
+        assert!(children().iter().all(|(p, _)| *p != pid), "a reaped child is still listed");
+    }
 
     #[test]
     fn cuts_fall_before_an_incomplete_character_only() {
