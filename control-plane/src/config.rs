@@ -25,6 +25,9 @@ pub const CONFIG_PATH_ENV: &str = "CLAUDE_AGENT_CONFIG";
 /// The permission modes the Claude CLI accepts for `--permission-mode`
 /// (CLI 2.1.332), plus the SDK's `default`, which the seed used and which
 /// means "the CLI's own default" (no flag).
+/// The CLI's `--setting-sources` values: which settings files it reads.
+pub const SETTING_SOURCES: &[&str] = &["user", "project", "local"];
+
 pub const PERMISSION_MODES: &[&str] =
     &["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"];
 
@@ -709,6 +712,12 @@ impl Config {
 
     /// Checks what serde's types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(unknown) = self.defaults.setting_sources.iter().find(|s| !SETTING_SOURCES.contains(&s.as_str())) {
+            return Err(ConfigError::invalid(
+                "defaults.setting_sources",
+                format!("{unknown:?} is not one of {}", SETTING_SOURCES.join(", ")),
+            ));
+        }
         if !PERMISSION_MODES.contains(&self.defaults.permission_mode.as_str()) {
             return Err(ConfigError::invalid(
                 "defaults.permission_mode",
@@ -1000,6 +1009,14 @@ mod tests {
         let err = load_in_jail("api:\n  host: 0.0.0.0\nauth:\n  mode: none\n").expect_err("refused").to_string();
         assert!(err.contains("auth.mode"), "{err}");
         assert!(load_in_jail("auth:\n  mode: none\n").is_ok());
+    }
+
+    #[test]
+    fn setting_sources_are_checked() {
+        let err = load_in_jail("defaults:\n  setting_sources: [user, global]\n").expect_err("refused").to_string();
+        assert!(err.contains("defaults.setting_sources") && err.contains("\"global\""), "{err}");
+        assert!(load_in_jail("defaults:\n  setting_sources: []\n").is_ok());
+        assert!(load_in_jail("defaults:\n  setting_sources: [user, project, local]\n").is_ok());
     }
 
     #[test]

@@ -242,3 +242,30 @@ async fn session_options_reach_the_cli() {
     let subtypes = [first.body["subtype"].clone(), second.body["subtype"].clone()];
     assert!(subtypes.iter().any(|s| s == "error_max_budget_usd"), "{first:?}\n{second:?}");
 }
+
+#[tokio::test]
+async fn setting_sources_choose_the_settings_files_the_cli_reads() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    // The same rule (no Bash) in a project's shared settings and in another
+    // project's local settings; by default (`[user, project]`) the CLI reads
+    // the first only.
+    let deny_bash = r#"{"permissions": {"deny": ["Bash"]}}"#;
+    for (subdir, file) in [("shared", "settings.json"), ("local", "settings.local.json")] {
+        let dir = server.users_dir().join("alice").join(subdir).join(".claude");
+        std::fs::create_dir_all(&dir).expect("settings dir");
+        std::fs::write(dir.join(file), deny_bash).expect("settings");
+        // Written as root: the user's uid must be able to create files in it.
+        let project = dir.parent().expect("project dir");
+        std::fs::set_permissions(project, std::os::unix::fs::PermissionsExt::from_mode(0o777)).expect("chmod");
+    }
+    let ran = |subdir: &str| server.users_dir().join("alice").join(subdir).join("bash-ran").exists();
+    for subdir in ["shared", "local"] {
+        let session = server.session(&alice, json!({"subdir": subdir})).await;
+        let reply = server.chat(&alice, &session, r#"mock:tool Bash {"command": "touch bash-ran"}"#).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    assert!(!ran("shared"), "the project's settings.json was not read: Bash ran");
+    assert!(ran("local"), "settings.local.json was read although `local` is not a setting source");
+}

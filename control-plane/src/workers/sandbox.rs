@@ -229,6 +229,9 @@ pub fn cli_spec(
         }
     };
     flag("--permission-mode", options.permission_mode.clone().filter(|mode| mode != "default"));
+    // As the seed's SDK does: the settings files (and their skills, hooks)
+    // the CLI reads; an empty list reads none.
+    flag("--setting-sources", Some(config.defaults.setting_sources.join(",")));
     flag("--system-prompt", options.system_prompt.clone());
     flag("--model", options.model.clone());
     flag("--max-turns", options.max_turns.map(|n| n.to_string()));
