@@ -100,12 +100,48 @@ pub fn user_message_line(text: &str, uuid: &str) -> String {
     line
 }
 
+/// One SSE frame, serialised once: its `type` (`""` for one made by
+/// [`Frame::of`] that is not final) and its JSON object.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: &'static str,
+    pub json: String,
+}
+
+impl Frame {
+    pub fn of(payload: &Value) -> Self {
+        let kind = match payload["type"].as_str() {
+            Some("done") => "done",
+            Some("error") => "error",
+            _ => "",
+        };
+        Self { kind, json: payload.to_string() }
+    }
+
+    /// `done` or `error`: the turn's last frame.
+    pub fn is_final(&self) -> bool {
+        matches!(self.kind, "done" | "error")
+    }
+}
+
 /// A control request line (`initialize`, `interrupt`, ...).
 pub fn control_request_line(subtype: &str) -> String {
+    control_request_with(json!({"subtype": subtype}))
+}
+
+fn control_request_with(request: Value) -> String {
     let id = format!("req_{}", uuid::Uuid::new_v4().simple());
-    let mut line = json!({"type": "control_request", "request_id": id, "request": {"subtype": subtype}}).to_string();
+    let mut line = json!({"type": "control_request", "request_id": id, "request": request}).to_string();
     line.push('\n');
     line
+}
+
+/// Why a CLI is started: ahead of its session's messages (create, resume),
+/// or for a message that waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CliStart {
+    Prewarm,
+    ForMessage,
 }
 
 /// The final frame of a turn that failed without a CLI result, in the
@@ -292,10 +328,15 @@ impl Conversation {
 
     /// Appends a frame (a JSON object with a `type`) and wakes readers.
     pub fn publish(&self, payload: &Value) -> u64 {
-        let terminal = matches!(payload["type"].as_str(), Some("done" | "error"));
+        self.publish_frame(Frame::of(payload))
+    }
+
+    /// Appends a frame serialised already and wakes readers.
+    pub fn publish_frame(&self, frame: Frame) -> u64 {
+        let terminal = frame.is_final();
         let (id, next) = {
             let mut log = self.log();
-            let id = log.push(payload.to_string(), terminal);
+            let id = log.push(frame.json, terminal);
             (id, log.next_id)
         };
         self.published.send_replace(next);
@@ -394,10 +435,10 @@ impl TurnGuard {
     /// after everything else of the turn is stored: a client that sends its
     /// next message as soon as it reads `done` finds the session free (it
     /// waits for the few microseconds until the lock is released).
-    pub fn finish(self, finals: &[Value]) {
+    pub fn finish(self, finals: Vec<Frame>) {
         self.conversation.releasing.store(true, std::sync::atomic::Ordering::SeqCst);
-        for payload in finals {
-            self.conversation.publish(payload);
+        for frame in finals {
+            self.conversation.publish_frame(frame);
         }
     }
 }
@@ -543,7 +584,11 @@ impl Conversations {
 /// Starts the session's CLI (resuming its conversation when it already had
 /// turns) and sends `initialize`, so the first message finds it warm. Makes
 /// room first when the user or the server is at its cap of warm CLIs.
-pub async fn start_cli(state: &AppState, session: &Session) -> Result<broadcast::Receiver<ProcessEvent>, TurnError> {
+pub async fn start_cli(
+    state: &AppState,
+    session: &Session,
+    why: CliStart,
+) -> Result<broadcast::Receiver<ProcessEvent>, TurnError> {
     let _admission = state.conversations.warm_admission.lock().await;
     // Idempotent: a concurrent start (a resume racing a message) already did it.
     if let Some(events) = state.supervisor.subscribe(&session.user_id, &session.session_id).await {
@@ -593,6 +638,14 @@ pub async fn start_cli(state: &AppState, session: &Session) -> Result<broadcast:
         proxy.revoke(&model.credential);
     });
     state.supervisor.write_stdin(&session.user_id, &session.session_id, control_request_line("initialize")).await;
+    if why == CliStart::Prewarm {
+        // Makes the CLI build what its first turn would (system prompt,
+        // tools, skills listing): no model call, nothing in the transcript;
+        // measured 20–90 ms off the first message. Not when a message
+        // waits: it would queue behind this.
+        let summary = control_request_with(json!({"subtype": "get_context_usage", "detail": "summary"}));
+        state.supervisor.write_stdin(&session.user_id, &session.session_id, summary).await;
+    }
     state.conversations.get(session).touch();
     Ok(events)
 }
@@ -694,21 +747,22 @@ fn history_entry(message: &Value) -> Option<NewMessage> {
         .then(|| NewMessage { kind: kind.to_owned(), content: message.clone() })
 }
 
-/// Runs one turn; `on_message` sees every CLI message of the turn as it
+/// Runs one turn; `on_message` sees every CLI message of the turn (parsed,
+/// and the line the CLI wrote) as it
 /// arrives. The caller holds the session's turn.
 pub async fn run_turn(
     state: &AppState,
     session: &Session,
     text: &str,
     timeout: Duration,
-    mut on_message: impl FnMut(&Value),
+    mut on_message: impl FnMut(&Value, &str),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut deadline = Instant::now() + timeout;
     let _slot = state.conversations.slot(deadline).await?;
     let mut events = match state.supervisor.subscribe(user, id).await {
         Some(events) => events,
-        None => start_cli(state, session).await?,
+        None => start_cli(state, session, CliStart::ForMessage).await?,
     };
     let uuid = uuid::Uuid::new_v4().to_string();
     if !state.supervisor.write_stdin(user, id, user_message_line(text, &uuid)).await {
@@ -744,7 +798,7 @@ async fn read_turn(
     deadline: &mut Instant,
     timeout: Duration,
     history: &mut Vec<NewMessage>,
-    on_message: &mut impl FnMut(&Value),
+    on_message: &mut impl FnMut(&Value, &str),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
@@ -778,7 +832,7 @@ async fn read_turn(
                 if message["type"] == "control_response" {
                     continue;
                 }
-                on_message(&message);
+                on_message(&message, &line);
                 // Partial deltas only feed the SSE frames: the assistant
                 // message that follows them holds the same text.
                 if message["type"] == "stream_event" {

@@ -12,7 +12,11 @@
 //!
 //! An output line of any length fits: the worker sends it in pieces of at
 //! most [`OUTPUT_PIECE_LEN`] bytes (see [`FromWorker::Output`]), and the
-//! control plane reassembles them up to its own cap.
+//! control plane reassembles them up to its own cap. Output frames carry the
+//! line's bytes as they are after a small JSON header, not as a JSON string
+//! (see [`encode_from_worker`]): a CLI line is JSON full of quotes, and
+//! escaping it on one side and unescaping it on the other cost more than
+//! the rest of the relay.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -21,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change of the messages below (3: output
 /// lines in pieces, [`FromWorker::Output`]'s `partial`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
@@ -32,7 +36,7 @@ pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 /// control characters `\u00XX` in JSON (6 bytes each).
 pub const OUTPUT_PIECE_LEN: usize = 4 * 1024 * 1024;
 
-const _: () = assert!(6 * OUTPUT_PIECE_LEN + 64 * 1024 <= MAX_FRAME_LEN);
+const _: () = assert!(OUTPUT_PIECE_LEN + 64 * 1024 <= MAX_FRAME_LEN);
 
 /// The fd the worker finds its control socket on.
 pub const CONTROL_FD: i32 = 3;
@@ -206,6 +210,58 @@ pub struct ConfinementReport {
     pub setup_micros: u64,
 }
 
+/// First byte of an output frame's body; a JSON body starts with `{`.
+const OUTPUT_FRAME_MARK: u8 = 0;
+
+/// The header of an output frame: [`FromWorker::Output`] but its line.
+#[derive(Serialize, Deserialize)]
+struct OutputHeader<'a> {
+    #[serde(borrow)]
+    session_id: std::borrow::Cow<'a, str>,
+    seq: u64,
+    stream: OutputStream,
+    #[serde(default)]
+    partial: bool,
+}
+
+/// A worker message as a frame body: `Output` as a mark byte, its header
+/// as JSON, a newline, then the line's bytes unescaped; anything else as
+/// JSON.
+pub fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, serde_json::Error> {
+    let FromWorker::Output { session_id, seq, stream, line, partial } = message else {
+        return serde_json::to_vec(message);
+    };
+    let header = OutputHeader { session_id: session_id.into(), seq: *seq, stream: *stream, partial: *partial };
+    let mut body = Vec::with_capacity(line.len() + 128);
+    body.push(OUTPUT_FRAME_MARK);
+    serde_json::to_writer(&mut body, &header)?;
+    body.push(b'\n');
+    body.extend_from_slice(line.as_bytes());
+    Ok(body)
+}
+
+/// The inverse of [`encode_from_worker`].
+pub fn decode_from_worker(body: &[u8]) -> Result<FromWorker, FrameError> {
+    let Some(rest) = body.strip_prefix(&[OUTPUT_FRAME_MARK]) else {
+        return Ok(serde_json::from_slice(body)?);
+    };
+    // Compact JSON holds no raw newline: the first one ends the header.
+    let end = rest
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or(FrameError::Malformed("an output frame without its header's end"))?;
+    let header: OutputHeader = serde_json::from_slice(&rest[..end])?;
+    let line =
+        std::str::from_utf8(&rest[end + 1..]).map_err(|_| FrameError::Malformed("an output line that is not UTF-8"))?;
+    Ok(FromWorker::Output {
+        session_id: header.session_id.into_owned(),
+        seq: header.seq,
+        stream: header.stream,
+        line: line.to_owned(),
+        partial: header.partial,
+    })
+}
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -215,6 +271,8 @@ pub enum FrameError {
     TooLong(usize),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
 }
 
 /// Blocking read of one frame, for the worker before it starts its runtime.
@@ -245,6 +303,36 @@ pub fn write_frame_blocking<T: Serialize>(writer: &mut impl Write, message: &T) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_frames_carry_the_line_unescaped_and_round_trip() {
+        let line = "{\"type\":\"assistant\",\"text\":\"a \\\"quote\\\", a\nnewline, ünïcödé 🌍\"}";
+        let message = FromWorker::Output {
+            session_id: "s-1".into(),
+            seq: 42,
+            stream: OutputStream::Stderr,
+            line: line.into(),
+            partial: true,
+        };
+        let body = encode_from_worker(&message).expect("encode");
+        assert_eq!(body[0], OUTPUT_FRAME_MARK);
+        assert!(body.ends_with(line.as_bytes()), "the line is not sent as it is");
+        assert_eq!(decode_from_worker(&body).expect("decode"), message);
+        // Every other message is plain JSON, both ways.
+        let exited = FromWorker::Exited { session_id: "s-1".into(), seq: 43, code: Some(0), signal: None };
+        let body = encode_from_worker(&exited).expect("encode");
+        assert_eq!(body, serde_json::to_vec(&exited).expect("json"));
+        assert_eq!(decode_from_worker(&body).expect("decode"), exited);
+        // Broken output frames are errors, not panics.
+        for broken in [
+            &b"\0{\"session_id\":\"s\"}"[..],
+            b"\0{}\nline",
+            b"\0{\"session_id\":\"s\",\"seq\":1,\"stream\":\"stdout\"}\n\xff",
+            b"\0",
+        ] {
+            assert!(decode_from_worker(broken).is_err(), "{broken:?}");
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_oversized_ones_are_refused() {

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,7 +83,7 @@ async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<
     let (outbox, mut outgoing) = Outbox::new();
     let writer = tokio::spawn(async move {
         while let Some((message, budget)) = outgoing.recv().await {
-            let Ok(bytes) = serde_json::to_vec(&message) else { continue };
+            let Ok(bytes) = shared::protocol::encode_from_worker(&message) else { continue };
             drop(message);
             if sink.send(Bytes::from(bytes)).await.is_err() {
                 break;

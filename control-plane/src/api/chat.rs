@@ -21,7 +21,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody, FieldError};
@@ -29,7 +29,7 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::chat::{self, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
+use crate::chat::{self, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
 use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -183,21 +183,22 @@ async fn published_turn(
 ) -> Result<TurnOutcome, ApiError> {
     let conversation = turn.conversation().clone();
     let mut finals = Vec::new();
-    let result = chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |message| {
-        for payload in frames_of(message) {
-            if matches!(payload["type"].as_str(), Some("done" | "error")) {
-                finals.push(payload);
-            } else {
-                conversation.publish(&payload);
+    let result =
+        chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |message, line| {
+            for frame in frames_of(message, line) {
+                if frame.is_final() {
+                    finals.push(frame);
+                } else {
+                    conversation.publish_frame(frame);
+                }
             }
-        }
-    })
-    .await
-    .map_err(turn_error);
+        })
+        .await
+        .map_err(turn_error);
     if let Err(error) = &result {
-        finals = vec![chat::error_frame(&error.to_string())];
+        finals = vec![Frame::of(&chat::error_frame(&error.to_string()))];
     }
-    turn.finish(&finals);
+    turn.finish(finals);
     result
 }
 
@@ -242,25 +243,68 @@ pub async fn chat(
 }
 
 /// One SSE frame in the seed's shape: every key present, unused ones null.
-fn frame(kind: &str, text: Option<&str>, tool: Option<(&str, &Value)>, error: Option<&str>, raw: &Value) -> Value {
-    json!({
-        "type": kind,
-        "text": text,
-        "tool_name": tool.map(|t| t.0),
-        "tool_input": tool.map(|t| t.1),
-        "error": error,
-        "raw": raw,
-    })
+/// `raw` is the CLI's line as it wrote it (JSON already), so the frame is
+/// written once, without copying or re-serialising the message (a reply's
+/// last lines hold its whole text).
+fn frame(
+    kind: &'static str,
+    text: Option<&str>,
+    tool: Option<(&str, &Value)>,
+    error: Option<&str>,
+    raw: Option<&str>,
+) -> Frame {
+    frame_with(kind, text, tool, error, raw, &[])
 }
 
-/// The frames one CLI message becomes.
-fn frames_of(message: &Value) -> Vec<Value> {
+/// [`frame`] with more keys after the seed's.
+fn frame_with(
+    kind: &'static str,
+    text: Option<&str>,
+    tool: Option<(&str, &Value)>,
+    error: Option<&str>,
+    raw: Option<&str>,
+    extra: &[(&str, &Value)],
+) -> Frame {
+    let json_of = |value: Option<&str>| value.map_or_else(|| "null".to_owned(), |v| Value::from(v).to_string());
+    let text = json_of(text);
+    let mut json = String::with_capacity(text.len() + raw.map_or(4, str::len) + 128);
+    json.push_str("{\"type\":");
+    json.push_str(&Value::from(kind).to_string());
+    json.push_str(",\"text\":");
+    json.push_str(&text);
+    json.push_str(",\"tool_name\":");
+    json.push_str(&json_of(tool.map(|t| t.0)));
+    json.push_str(",\"tool_input\":");
+    json.push_str(&tool.map_or_else(|| "null".to_owned(), |t| t.1.to_string()));
+    json.push_str(",\"error\":");
+    json.push_str(&json_of(error));
+    for (key, value) in extra {
+        json.push_str(&format!(",{}:", Value::from(*key)));
+        json.push_str(&value.to_string());
+    }
+    json.push_str(",\"raw\":");
+    json.push_str(raw.unwrap_or("null"));
+    json.push('}');
+    Frame { kind, json }
+}
+
+/// The frames one CLI message (and its line) becomes.
+fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
+    // JSON may hold a CR as whitespace between tokens, which SSE cannot
+    // carry: such a line is written anew (compact JSON has none).
+    let rewritten;
+    let raw = if line.contains('\r') {
+        rewritten = message.to_string();
+        Some(rewritten.as_str())
+    } else {
+        Some(line.trim())
+    };
     match message["type"].as_str() {
         Some("stream_event") => {
             let delta = &message["event"]["delta"];
             match delta["type"].as_str() {
-                Some("text_delta") => vec![frame("text_delta", delta["text"].as_str(), None, None, message)],
-                Some("thinking_delta") => vec![frame("thinking", delta["thinking"].as_str(), None, None, message)],
+                Some("text_delta") => vec![frame("text_delta", delta["text"].as_str(), None, None, raw)],
+                Some("thinking_delta") => vec![frame("thinking", delta["thinking"].as_str(), None, None, raw)],
                 _ => Vec::new(),
             }
         }
@@ -270,7 +314,7 @@ fn frames_of(message: &Value) -> Vec<Value> {
             .flatten()
             .filter(|block| block["type"] == "tool_use")
             .map(|block| {
-                frame("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, message)
+                frame("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, raw)
             })
             .collect(),
         Some("user") => message["message"]["content"]
@@ -283,18 +327,17 @@ fn frames_of(message: &Value) -> Vec<Value> {
                     Value::String(text) => text.clone(),
                     other => other.to_string(),
                 };
-                frame("tool_result", Some(&content), None, None, message)
+                frame("tool_result", Some(&content), None, None, raw)
             })
             .collect(),
         Some("result") => {
-            let mut result = frame("result", message["result"].as_str(), None, None, message);
-            for key in ["subtype", "is_error", "total_cost_usd", "usage", "duration_ms", "num_turns"] {
-                result[key] = message[key].clone();
-            }
+            let keys = ["subtype", "is_error", "total_cost_usd", "usage", "duration_ms", "num_turns"];
+            let extra: Vec<(&str, &Value)> = keys.iter().map(|key| (*key, &message[*key])).collect();
+            let result = frame_with("result", message["result"].as_str(), None, None, raw, &extra);
             let last = if message["is_error"] == true {
-                frame("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), message)
+                frame("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), raw)
             } else {
-                frame("done", None, None, None, &Value::Null)
+                frame("done", None, None, None, None)
             };
             vec![result, last]
         }
@@ -344,9 +387,9 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
                     "events before id {resumed_at} are no longer buffered (up to {missed} missed); \
                      GET /api/v1/sessions/{{id}}/messages has the full history"
                 );
-                let mut gap = frame("gap", None, None, Some(&message), &Value::Null);
-                gap["resumed_at"] = resumed_at.into();
-                Event::default().data(gap.to_string())
+                let resumed_at = Value::from(resumed_at);
+                Event::default()
+                    .data(frame_with("gap", None, None, Some(&message), None, &[("resumed_at", &resumed_at)]).json)
             }
             StreamItem::Lagged { last_delivered, resumed_at } => {
                 crate::metrics::SSE_STREAMS_LAGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -355,10 +398,9 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
                      GET /api/v1/sessions/{{id}}/stream with Last-Event-ID: {last_delivered} \
                      (events before id {resumed_at} are no longer buffered)"
                 );
-                let mut lagged = frame("lagged", None, None, Some(&message), &Value::Null);
-                lagged["last_event_id"] = last_delivered.into();
-                lagged["resumed_at"] = resumed_at.into();
-                Event::default().data(lagged.to_string())
+                let (last_delivered, resumed_at) = (Value::from(last_delivered), Value::from(resumed_at));
+                let extra = [("last_event_id", &last_delivered), ("resumed_at", &resumed_at)];
+                Event::default().data(frame_with("lagged", None, None, Some(&message), None, &extra).json)
             }
         })
     });
@@ -613,5 +655,72 @@ pub async fn usage(
         if !full {
             return Ok(Json(report));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parsed(frames: Vec<Frame>) -> Vec<(&'static str, Value)> {
+        frames.into_iter().map(|f| (f.kind, serde_json::from_str(&f.json).expect("frame is JSON"))).collect()
+    }
+
+    fn of(message: Value) -> Vec<(&'static str, Value)> {
+        parsed(frames_of(&message, &message.to_string()))
+    }
+
+    #[test]
+    fn frames_have_the_seeds_keys_and_the_cli_line_as_raw() {
+        let delta = json!({"type": "stream_event", "event": {"delta": {"type": "text_delta", "text": "hé \"x\"\n"}}});
+        assert_eq!(
+            of(delta.clone()),
+            [(
+                "text_delta",
+                json!({"type": "text_delta", "text": "hé \"x\"\n", "tool_name": null, "tool_input": null,
+                         "error": null, "raw": delta})
+            )]
+        );
+        let tool = json!({"type": "assistant", "message": {"content": [
+            {"type": "text", "text": "t"}, {"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}]}});
+        assert_eq!(
+            of(tool.clone()),
+            [(
+                "tool_use",
+                json!({"type": "tool_use", "text": null, "tool_name": "Bash", "tool_input": {"command": "ls"},
+                         "error": null, "raw": tool})
+            )]
+        );
+        let result = json!({"type": "result", "subtype": "success", "is_error": false, "result": "done.",
+                            "total_cost_usd": 0.5, "usage": {"input_tokens": 3}, "duration_ms": 7, "num_turns": 1});
+        let frames = of(result.clone());
+        assert_eq!(frames[0].1["type"], "result");
+        assert_eq!(frames[0].1["text"], "done.");
+        assert_eq!((&frames[0].1["subtype"], &frames[0].1["usage"]), (&json!("success"), &json!({"input_tokens": 3})));
+        assert_eq!(frames[0].1["raw"], result);
+        assert_eq!(
+            frames[1],
+            (
+                "done",
+                json!({"type": "done", "text": null, "tool_name": null, "tool_input": null,
+                                              "error": null, "raw": null})
+            )
+        );
+        let failed = json!({"type": "result", "is_error": true, "result": "budget"});
+        assert_eq!(of(failed)[1].1["error"], "budget");
+        assert!(of(json!({"type": "system"})).is_empty());
+    }
+
+    #[test]
+    fn a_line_with_a_carriage_return_is_written_anew() {
+        // CR is JSON whitespace but would break the SSE framing.
+        let line = "{\"type\":\"stream_event\",\r\"event\":{\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}}";
+        let message: Value = serde_json::from_str(line).expect("valid JSON");
+        let frames = frames_of(&message, line);
+        assert!(!frames[0].json.contains('\r'));
+        let frame: Value = serde_json::from_str(&frames[0].json).expect("JSON");
+        assert_eq!(frame["raw"], message);
     }
 }

@@ -453,7 +453,7 @@ pub async fn create_session(
     }
     // The session's CLI starts now in the user's confined worker; a sandbox
     // that cannot be set up fails the create (503), leaving no session.
-    if let Err(error) = chat::start_cli(&state, &session).await {
+    if let Err(error) = chat::start_cli(&state, &session, chat::CliStart::Prewarm).await {
         state.store.set_session_status(&session.session_id, SessionStatus::Deleted, store::now()).await?;
         state.conversations.forget(&session.session_id);
         state.model_proxy.revoke_session(&session.session_id);
@@ -569,7 +569,7 @@ pub async fn resume_session(
     }
     // Warm again, so the next message does not pay the CLI's start.
     if state.supervisor.subscribe(&session.user_id, &session.session_id).await.is_none() {
-        chat::start_cli(&state, &session).await.map_err(super::chat::turn_error)?;
+        chat::start_cli(&state, &session, chat::CliStart::Prewarm).await.map_err(super::chat::turn_error)?;
     }
     Ok(Json(session.into()))
 }

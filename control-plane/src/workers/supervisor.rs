@@ -595,7 +595,7 @@ impl Supervisor {
         let timeout = Duration::from_secs(sandbox_cfg.worker_start_timeout.max(1));
         let first = tokio::time::timeout(timeout, framed.next()).await;
         let report = match first {
-            Ok(Some(Ok(bytes))) => match serde_json::from_slice::<FromWorker>(&bytes) {
+            Ok(Some(Ok(bytes))) => match shared::protocol::decode_from_worker(&bytes) {
                 Ok(FromWorker::Ready { version, confinement, .. }) if version == PROTOCOL_VERSION => confinement,
                 Ok(FromWorker::Ready { version, .. }) => {
                     return Err(SupervisorError::Start(format!("worker speaks protocol {version}")));
@@ -647,7 +647,7 @@ impl Supervisor {
             while let Some(frame) = frames.next().await {
                 match frame
                     .map_err(|e| e.to_string())
-                    .and_then(|b| serde_json::from_slice::<FromWorker>(&b).map_err(|e| e.to_string()))
+                    .and_then(|b| shared::protocol::decode_from_worker(&b).map_err(|e| e.to_string()))
                 {
                     Ok(message) => reader.dispatch(message),
                     Err(error) => {

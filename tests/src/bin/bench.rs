@@ -35,10 +35,12 @@ struct Plan {
     resume_runs: usize,
     /// Reply sizes of the relay section in MB (10^6 bytes), each with its repetitions.
     relay: &'static [(usize, usize)],
+    /// The same with a stand-in CLI that writes its reply at once.
+    relay_capacity: &'static [(usize, usize)],
 }
 
 const FULL: Plan = Plan {
-    turns: 60,
+    turns: 200,
     first_messages: 8,
     cold_runs: 5,
     proxy_requests: 400,
@@ -46,8 +48,9 @@ const FULL: Plan = Plan {
     scale: &[1, 8, 32, 64],
     scale_turns: 10,
     confinement_runs: 100,
-    resume_runs: 10,
+    resume_runs: 20,
     relay: &[(1, 10), (10, 5), (33, 2), (100, 2)],
+    relay_capacity: &[(10, 5), (100, 3)],
 };
 const QUICK: Plan = Plan {
     turns: 5,
@@ -60,6 +63,7 @@ const QUICK: Plan = Plan {
     confinement_runs: 5,
     resume_runs: 2,
     relay: &[(1, 1), (10, 1), (100, 1)],
+    relay_capacity: &[(10, 1)],
 };
 
 /// Milliseconds, sorted on demand.
@@ -485,6 +489,97 @@ async fn relay_throughput(plan: &Plan, mock: &MockServer, out: &mut String) {
     }
     let _ =
         writeln!(out, "\nTarget: every size streams through SSE, `result` p50 ≤ 1.1 × raw; {}.", verdicts.join(", "));
+}
+
+/// The relay's own capacity: the stand-in CLI (`sandbox-probe`) writes a
+/// reply of N MB in the CLI's stream-json at once, so the figure is the
+/// worker's, the control plane's and the HTTP stack's, not the CLI's (whose
+/// own rate, section 7, is 10–20 MB/s).
+async fn relay_capacity(plan: &Plan, out: &mut String) {
+    let server = TestServer::start_with(bench_config(Backend::Sqlite)).await;
+    let token = server.user_with_token("capacity").await;
+    let client = reqwest::Client::new();
+    out.push_str("\n### Relay capacity (stand-in CLI that writes the reply at once)\n\n");
+    out.push_str(
+        "The stand-in writes N MB as 64 KiB `text_delta` stream events, then the assistant message and the result \
+         (each holding the whole text), like the CLI. Baseline: the stand-in run directly, write a line, read stdout \
+         until `result`. The service adds the worker (pipe, framing, socket), the control plane (parsing each line, \
+         building frames) and HTTP.\n\n",
+    );
+    out.push_str(
+        "| what | p50 ms | p90 ms | p99 ms | vs baseline (p50) | n | MB/s at p50 | failures |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let mut verdicts = Vec::new();
+    for &(megabytes, runs) in plan.relay_capacity {
+        let bytes = megabytes * 1_000_000;
+        let prompt = format!("probe:reply-bytes {bytes}");
+        let [mut raw, mut sse_result, mut sse_done, mut sync] = <[Outcomes; 4]>::default();
+        for run in 0..runs {
+            let raw_first = run % 2 == 0;
+            if raw_first {
+                raw.record(stand_in_relay(&prompt));
+            }
+            let session = server.session(&token, json!({})).await;
+            match sse_timed_raw(&client, &server, &token, &session, &prompt).await {
+                Ok((to_result, to_done)) => {
+                    sse_result.record(Ok(to_result));
+                    sse_done.record(Ok(to_done));
+                }
+                Err(failure) => {
+                    sse_result.record(Err(failure.clone()));
+                    sse_done.record(Err(failure));
+                }
+            }
+            sync.record(sync_timed_raw(&client, &server, &token, &session, &prompt).await);
+            server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
+            if !raw_first {
+                raw.record(stand_in_relay(&prompt));
+            }
+        }
+        let baseline = Some(&raw.times);
+        out.push_str(&raw.row(&format!("stand-in read directly, {megabytes} MB reply"), None, bytes));
+        out.push_str(&sse_result.row(&format!("SSE, {megabytes} MB reply, `result` event"), baseline, bytes));
+        out.push_str(&sse_done.row(&format!("SSE, {megabytes} MB reply, `done` event"), baseline, bytes));
+        out.push_str(&sync.row(&format!("POST /api/v1/chat, {megabytes} MB reply"), baseline, bytes));
+        let rate = |outcomes: &Outcomes| bytes as f64 / 1e6 / (outcomes.times.pct(0.5) / 1000.0);
+        let ok = sse_result.failures.is_empty() && rate(&sse_result) >= 100.0;
+        verdicts.push(format!("{megabytes} MB {:.0} MB/s, {}", rate(&sse_result), met(ok)));
+    }
+    let _ = writeln!(out, "\nTarget: ≥ 100 MB/s through SSE (to `result`); {}.", verdicts.join("; "));
+}
+
+/// The stand-in CLI run directly: write the request, read until `result`.
+fn stand_in_relay(prompt: &str) -> Result<f64, Failure> {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(integration_tests::binary_path("sandbox-probe"))
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("stand-in");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let started = Instant::now();
+    let line = json!({"type": "user", "message": {"role": "user", "content": prompt}});
+    let written = writeln!(stdin, "{line}").and_then(|()| stdin.flush());
+    let mut buffer = String::new();
+    let outcome = loop {
+        if let Err(e) = &written {
+            break Err(Failure::since(started, e.to_string()));
+        }
+        buffer.clear();
+        match stdout.read_line(&mut buffer) {
+            Ok(0) => break Err(Failure::since(started, "the stand-in exited")),
+            Ok(_) if buffer.contains("\"type\":\"result\"") => break Ok(ms(started)),
+            Ok(_) => {}
+            Err(e) => break Err(Failure::since(started, e.to_string())),
+        }
+    };
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
 }
 
 /// The raw side of the relay section: a fresh CLI, a warm-up turn, the big turn.
@@ -1022,6 +1117,7 @@ async fn main() {
     }
     if wanted("relay") {
         relay_throughput(plan, &mock, &mut out).await;
+        relay_capacity(plan, &mut out).await;
     }
     if wanted("api") {
         api_and_memory(plan, &mock, &mut out).await;

@@ -113,14 +113,51 @@ fn main() {
             let _ = std::fs::rename(tmp, "probe-report.json");
         }
     }
-    // Idle CLI: echo each stdin line back as a JSON event until EOF.
+    // Idle CLI: echo each stdin line back as a JSON event until EOF; a user
+    // message asking for `probe:reply-bytes N` gets a reply of N bytes.
     let stdin = std::io::stdin();
-    let mut stdout = std::io::stdout();
+    let mut stdout = std::io::stdout().lock();
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
-        let _ = writeln!(stdout, "{}", json!({"type": "probe_echo", "line": line}));
+        match requested_reply_bytes(&line) {
+            Some(bytes) => reply_like_the_cli(&mut stdout, bytes),
+            None => {
+                let _ = writeln!(stdout, "{}", json!({"type": "probe_echo", "line": line}));
+            }
+        }
         let _ = stdout.flush();
     }
+}
+
+/// `N` of a stream-json user message whose text holds `probe:reply-bytes N`.
+fn requested_reply_bytes(line: &str) -> Option<usize> {
+    let message: Value = serde_json::from_str(line).ok()?;
+    if message["type"] != "user" {
+        return None;
+    }
+    let text = message["message"]["content"].as_str()?;
+    text.lines().find_map(|l| l.trim().strip_prefix("probe:reply-bytes ")?.trim().parse().ok())
+}
+
+/// The stream-json a CLI writes for a text reply, with no model behind it:
+/// 64 KiB `text_delta` stream events, the assistant message, the result.
+/// It measures the service's relay without the CLI's own speed.
+fn reply_like_the_cli(out: &mut impl Write, bytes: usize) {
+    const DELTA: usize = 64 * 1024;
+    let filler: Vec<u8> = (0..bytes).map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789 "[i % 37]).collect();
+    let text = String::from_utf8(filler).unwrap_or_default();
+    for delta in text.as_bytes().chunks(DELTA) {
+        let delta = std::str::from_utf8(delta).unwrap_or_default();
+        let event = json!({"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": delta}}});
+        let _ = writeln!(out, "{event}");
+    }
+    let assistant = json!({"type": "assistant", "message": {"role": "assistant",
+        "content": [{"type": "text", "text": text}]}});
+    let _ = writeln!(out, "{assistant}");
+    let result = json!({"type": "result", "subtype": "success", "is_error": false, "result": text,
+        "total_cost_usd": 0.0, "usage": {"input_tokens": 0, "output_tokens": 0}, "duration_ms": 0, "num_turns": 1});
+    let _ = writeln!(out, "{result}");
 }
 
 fn probe(plan: &Value) -> Value {
