@@ -821,13 +821,17 @@ async fn read_turn(
         };
         match event {
             Ok(ProcessEvent::Line { stream: shared::protocol::OutputStream::Stdout, line, .. }) => {
-                let Ok(message) = serde_json::from_str::<Value>(&line) else {
-                    // Its output can no longer be matched to turns: end the
-                    // turn and the process (the next message resumes).
-                    tracing::warn!(session_id = %id, bytes = line.len(), "CLI wrote a line that is not JSON");
-                    // Gone before the turn ends, so the next message starts a new CLI.
-                    stop_and_wait(state, user, id).await;
-                    return Err(TurnError::Protocol("an output line that is not JSON".into()));
+                let message = match serde_json::from_str::<Value>(&line) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        // Its output can no longer be matched to turns: end the
+                        // turn and the process (the next message resumes). The
+                        // error says where, not what (the line is the user's).
+                        tracing::warn!(session_id = %id, bytes = line.len(), %error, "CLI wrote a line that is not JSON");
+                        // Gone before the turn ends, so the next message starts a new CLI.
+                        stop_and_wait(state, user, id).await;
+                        return Err(TurnError::Protocol("an output line that is not JSON".into()));
+                    }
                 };
                 if message["type"] == "control_response" {
                     continue;

@@ -1067,8 +1067,7 @@ fn machine() -> String {
 }
 
 /// The names `--only` takes, in the order the sections run.
-const SECTIONS: [&str; 9] =
-    ["turns", "first", "proxy", "resume", "relay", "capacity", "api", "scale", "confinement"];
+const SECTIONS: [&str; 9] = ["turns", "first", "proxy", "resume", "relay", "capacity", "api", "scale", "confinement"];
 
 #[allow(clippy::print_stdout)]
 #[tokio::main]
