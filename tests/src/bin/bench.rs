@@ -443,10 +443,7 @@ async fn relay_throughput(plan: &Plan, mock: &MockServer, out: &mut String) {
          Each run uses a fresh conversation after one small warm-up turn (a big reply would go back to the model \
          with every later turn); the raw CLI runs with `--include-partial-messages` as the server's do.\n\n",
     );
-    out.push_str(
-        "| what | p50 ms | p90 ms | p99 ms | vs baseline (p50) | n | MB/s at p50 | failures |\n\
-         |---|---|---|---|---|---|---|---|\n",
-    );
+    out.push_str(RELAY_TABLE_HEAD);
     let mut verdicts = Vec::new();
     for &(megabytes, runs) in plan.relay {
         let bytes = megabytes * 1_000_000;
@@ -459,16 +456,8 @@ async fn relay_throughput(plan: &Plan, mock: &MockServer, out: &mut String) {
                 raw.record(raw_relay(mock, &prompt));
             }
             let session = warm_session(&server, &token).await;
-            match sse_timed_raw(&client, &server, &token, &session, &prompt).await {
-                Ok((to_result, to_done)) => {
-                    sse_result.record(Ok(to_result));
-                    sse_done.record(Ok(to_done));
-                }
-                Err(failure) => {
-                    sse_result.record(Err(failure.clone()));
-                    sse_done.record(Err(failure));
-                }
-            }
+            let outcome = sse_timed_raw(&client, &server, &token, &session, &prompt).await;
+            record_sse(&mut sse_result, &mut sse_done, outcome);
             server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
             let session = warm_session(&server, &token).await;
             sync.record(sync_timed_raw(&client, &server, &token, &session, &prompt).await);
@@ -479,16 +468,45 @@ async fn relay_throughput(plan: &Plan, mock: &MockServer, out: &mut String) {
             // The mock's request log keeps every reply's text.
             mock.model.clear_requests();
         }
-        let baseline = Some(&raw.times);
-        out.push_str(&raw.row(&format!("raw CLI, {megabytes} MB reply"), None, bytes));
-        out.push_str(&sse_result.row(&format!("SSE, {megabytes} MB reply, `result` event"), baseline, bytes));
-        out.push_str(&sse_done.row(&format!("SSE, {megabytes} MB reply, `done` event"), baseline, bytes));
-        out.push_str(&sync.row(&format!("POST /api/v1/chat, {megabytes} MB reply"), baseline, bytes));
+        relay_rows(out, &format!("raw CLI, {megabytes} MB reply"), megabytes, [&raw, &sse_result, &sse_done, &sync]);
         let ok = sse_result.failures.is_empty() && sse_result.times.pct(0.5) <= 1.1 * raw.times.pct(0.5);
         verdicts.push(format!("{megabytes} MB {}", met(ok)));
     }
     let _ =
         writeln!(out, "\nTarget: every size streams through SSE, `result` p50 ≤ 1.1 × raw; {}.", verdicts.join(", "));
+}
+
+const RELAY_TABLE_HEAD: &str = "| what | p50 ms | p90 ms | p99 ms | vs baseline (p50) | n | MB/s at p50 | failures |\n\
+     |---|---|---|---|---|---|---|---|\n";
+
+/// An SSE run's two figures (to `result`, to `done`), or its failure in both.
+fn record_sse(to_result: &mut Outcomes, to_done: &mut Outcomes, outcome: Result<(f64, f64), Failure>) {
+    match outcome {
+        Ok((result, done)) => {
+            to_result.record(Ok(result));
+            to_done.record(Ok(done));
+        }
+        Err(failure) => {
+            to_result.record(Err(failure.clone()));
+            to_done.record(Err(failure));
+        }
+    }
+}
+
+/// The rows of one reply size: the baseline, then SSE to `result` and to
+/// `done`, and sync, against it.
+fn relay_rows(
+    out: &mut String,
+    baseline_name: &str,
+    megabytes: usize,
+    [raw, sse_result, sse_done, sync]: [&Outcomes; 4],
+) {
+    let bytes = megabytes * 1_000_000;
+    let baseline = Some(&raw.times);
+    out.push_str(&raw.row(baseline_name, None, bytes));
+    out.push_str(&sse_result.row(&format!("SSE, {megabytes} MB reply, `result` event"), baseline, bytes));
+    out.push_str(&sse_done.row(&format!("SSE, {megabytes} MB reply, `done` event"), baseline, bytes));
+    out.push_str(&sync.row(&format!("POST /api/v1/chat, {megabytes} MB reply"), baseline, bytes));
 }
 
 /// The relay's own capacity: the stand-in CLI (`sandbox-probe`) writes a
@@ -506,10 +524,7 @@ async fn relay_capacity(plan: &Plan, out: &mut String) {
          until `result`. The service adds the worker (pipe, framing, socket), the control plane (parsing each line, \
          building frames) and HTTP.\n\n",
     );
-    out.push_str(
-        "| what | p50 ms | p90 ms | p99 ms | vs baseline (p50) | n | MB/s at p50 | failures |\n\
-         |---|---|---|---|---|---|---|---|\n",
-    );
+    out.push_str(RELAY_TABLE_HEAD);
     let mut verdicts = Vec::new();
     for &(megabytes, runs) in plan.relay_capacity {
         let bytes = megabytes * 1_000_000;
@@ -521,27 +536,16 @@ async fn relay_capacity(plan: &Plan, out: &mut String) {
                 raw.record(stand_in_relay(&prompt));
             }
             let session = server.session(&token, json!({})).await;
-            match sse_timed_raw(&client, &server, &token, &session, &prompt).await {
-                Ok((to_result, to_done)) => {
-                    sse_result.record(Ok(to_result));
-                    sse_done.record(Ok(to_done));
-                }
-                Err(failure) => {
-                    sse_result.record(Err(failure.clone()));
-                    sse_done.record(Err(failure));
-                }
-            }
+            let outcome = sse_timed_raw(&client, &server, &token, &session, &prompt).await;
+            record_sse(&mut sse_result, &mut sse_done, outcome);
             sync.record(sync_timed_raw(&client, &server, &token, &session, &prompt).await);
             server.delete(&format!("/api/v1/sessions/{session}"), &token).await;
             if !raw_first {
                 raw.record(stand_in_relay(&prompt));
             }
         }
-        let baseline = Some(&raw.times);
-        out.push_str(&raw.row(&format!("stand-in read directly, {megabytes} MB reply"), None, bytes));
-        out.push_str(&sse_result.row(&format!("SSE, {megabytes} MB reply, `result` event"), baseline, bytes));
-        out.push_str(&sse_done.row(&format!("SSE, {megabytes} MB reply, `done` event"), baseline, bytes));
-        out.push_str(&sync.row(&format!("POST /api/v1/chat, {megabytes} MB reply"), baseline, bytes));
+        let baseline = format!("stand-in read directly, {megabytes} MB reply");
+        relay_rows(out, &baseline, megabytes, [&raw, &sse_result, &sse_done, &sync]);
         let rate = |outcomes: &Outcomes| bytes as f64 / 1e6 / (outcomes.times.pct(0.5) / 1000.0);
         let ok = sse_result.failures.is_empty() && rate(&sse_result) >= 100.0;
         verdicts.push(format!("{megabytes} MB {:.0} MB/s, {}", rate(&sse_result), met(ok)));
