@@ -100,8 +100,7 @@ pub fn user_message_line(text: &str, uuid: &str) -> String {
     line
 }
 
-/// One SSE frame, serialised once: its `type` (`""` for one made by
-/// [`Frame::of`] that is not final) and its JSON object.
+/// One SSE frame, serialised once: its `type` and its JSON object.
 #[derive(Debug)]
 pub struct Frame {
     pub kind: &'static str,
@@ -109,13 +108,50 @@ pub struct Frame {
 }
 
 impl Frame {
-    pub fn of(payload: &Value) -> Self {
-        let kind = match payload["type"].as_str() {
-            Some("done") => "done",
-            Some("error") => "error",
-            _ => "",
-        };
-        Self { kind, json: payload.to_string() }
+    /// A frame in the seed's shape: every key present, unused ones null.
+    /// `raw` is the CLI's line as it wrote it (JSON already), so the frame
+    /// is written once, without copying or re-serialising the message (a
+    /// reply's last lines hold its whole text).
+    pub fn new(
+        kind: &'static str,
+        text: Option<&str>,
+        tool: Option<(&str, &Value)>,
+        error: Option<&str>,
+        raw: Option<&str>,
+    ) -> Self {
+        Self::with_extra(kind, text, tool, error, raw, &[])
+    }
+
+    /// [`Frame::new`] with more keys after the seed's.
+    pub fn with_extra(
+        kind: &'static str,
+        text: Option<&str>,
+        tool: Option<(&str, &Value)>,
+        error: Option<&str>,
+        raw: Option<&str>,
+        extra: &[(&str, &Value)],
+    ) -> Self {
+        let json_of = |value: Option<&str>| value.map_or_else(|| "null".to_owned(), |v| Value::from(v).to_string());
+        let text = json_of(text);
+        let mut json = String::with_capacity(text.len() + raw.map_or(4, str::len) + 128);
+        json.push_str("{\"type\":");
+        json.push_str(&Value::from(kind).to_string());
+        json.push_str(",\"text\":");
+        json.push_str(&text);
+        json.push_str(",\"tool_name\":");
+        json.push_str(&json_of(tool.map(|t| t.0)));
+        json.push_str(",\"tool_input\":");
+        json.push_str(&tool.map_or_else(|| "null".to_owned(), |t| t.1.to_string()));
+        json.push_str(",\"error\":");
+        json.push_str(&json_of(error));
+        for (key, value) in extra {
+            json.push_str(&format!(",{}:", Value::from(*key)));
+            json.push_str(&value.to_string());
+        }
+        json.push_str(",\"raw\":");
+        json.push_str(raw.unwrap_or("null"));
+        json.push('}');
+        Self { kind, json }
     }
 
     /// `done` or `error`: the turn's last frame.
@@ -144,10 +180,9 @@ pub enum CliStart {
     ForMessage,
 }
 
-/// The final frame of a turn that failed without a CLI result, in the
-/// seed's frame shape (every key present, unused ones null).
-pub fn error_frame(message: &str) -> Value {
-    json!({"type": "error", "text": null, "tool_name": null, "tool_input": null, "error": message, "raw": null})
+/// The final frame of a turn that failed without a CLI result.
+pub fn error_frame(message: &str) -> Frame {
+    Frame::new("error", None, None, Some(message), None)
 }
 
 /// One SSE frame of a session, as sent: `id:` and the JSON `data:`.
@@ -326,13 +361,8 @@ impl Conversation {
         Some(StopGuard { conversation: self.clone(), _lock: lock })
     }
 
-    /// Appends a frame (a JSON object with a `type`) and wakes readers.
-    pub fn publish(&self, payload: &Value) -> u64 {
-        self.publish_frame(Frame::of(payload))
-    }
-
-    /// Appends a frame serialised already and wakes readers.
-    pub fn publish_frame(&self, frame: Frame) -> u64 {
+    /// Appends a frame and wakes readers.
+    pub fn publish(&self, frame: Frame) -> u64 {
         let terminal = frame.is_final();
         let (id, next) = {
             let mut log = self.log();
@@ -438,7 +468,7 @@ impl TurnGuard {
     pub fn finish(self, finals: Vec<Frame>) {
         self.conversation.releasing.store(true, std::sync::atomic::Ordering::SeqCst);
         for frame in finals {
-            self.conversation.publish_frame(frame);
+            self.conversation.publish(frame);
         }
     }
 }
@@ -449,7 +479,7 @@ impl Drop for TurnGuard {
         self.conversation.touch();
         let unfinished = self.conversation.log().turn_start.is_some();
         if unfinished {
-            self.conversation.publish(&error_frame("the turn ended without a result"));
+            self.conversation.publish(error_frame("the turn ended without a result"));
         }
     }
 }
@@ -560,7 +590,7 @@ impl Conversations {
     pub fn close_all(&self) {
         for conversation in self.map().drain().map(|(_, c)| c) {
             if conversation.log().turn_start.is_some() {
-                conversation.publish(&error_frame(
+                conversation.publish(error_frame(
                     "the server is shutting down; the turn was stopped (reconnect later with Last-Event-ID)",
                 ));
             }

@@ -22,12 +22,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Environment variable naming the config file (the `--config` flag wins).
 pub const CONFIG_PATH_ENV: &str = "CLAUDE_AGENT_CONFIG";
 
-/// The permission modes the Claude CLI accepts for `--permission-mode`
-/// (CLI 2.1.332), plus the SDK's `default`, which the seed used and which
-/// means "the CLI's own default" (no flag).
 /// The CLI's `--setting-sources` values: which settings files it reads.
 pub const SETTING_SOURCES: &[&str] = &["user", "project", "local"];
 
+/// The permission modes the Claude CLI accepts for `--permission-mode`
+/// (CLI 2.1.332), plus the SDK's `default`, which the seed used and which
+/// means "the CLI's own default" (no flag).
 pub const PERMISSION_MODES: &[&str] =
     &["acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan"];
 

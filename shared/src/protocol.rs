@@ -1,5 +1,6 @@
 //! The worker protocol: length-delimited frames (4-byte big-endian length,
-//! [`MAX_FRAME_LEN`] at most) carrying one JSON message each, over the
+//! [`MAX_FRAME_LEN`] at most) carrying one message each (JSON, but for
+//! output lines: see below), over the
 //! socketpair the control plane hands the worker as fd 3.
 //!
 //! The control plane speaks first with [`ToWorker::Hello`] (protocol version
@@ -24,7 +25,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change of the messages below (3: output
-/// lines in pieces, [`FromWorker::Output`]'s `partial`).
+/// lines in pieces, [`FromWorker::Output`]'s `partial`; 4: output frames
+/// carry the line unescaped, [`encode_from_worker`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts.
@@ -33,10 +35,10 @@ pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 /// Most bytes of a CLI's output one [`FromWorker::Output`] frame carries;
 /// longer lines go in several pieces. Far below [`MAX_FRAME_LEN`] even in
 /// the worst case: bytes that are not UTF-8 become U+FFFD (3 bytes each),
-/// control characters `\u00XX` in JSON (6 bytes each).
+/// and the frame adds a small header.
 pub const OUTPUT_PIECE_LEN: usize = 4 * 1024 * 1024;
 
-const _: () = assert!(OUTPUT_PIECE_LEN + 64 * 1024 <= MAX_FRAME_LEN);
+const _: () = assert!(3 * OUTPUT_PIECE_LEN + 64 * 1024 <= MAX_FRAME_LEN);
 
 /// The fd the worker finds its control socket on.
 pub const CONTROL_FD: i32 = 3;

@@ -189,14 +189,14 @@ async fn published_turn(
                 if frame.is_final() {
                     finals.push(frame);
                 } else {
-                    conversation.publish_frame(frame);
+                    conversation.publish(frame);
                 }
             }
         })
         .await
         .map_err(turn_error);
     if let Err(error) = &result {
-        finals = vec![Frame::of(&chat::error_frame(&error.to_string()))];
+        finals = vec![chat::error_frame(&error.to_string())];
     }
     turn.finish(finals);
     result
@@ -242,52 +242,6 @@ pub async fn chat(
     }))
 }
 
-/// One SSE frame in the seed's shape: every key present, unused ones null.
-/// `raw` is the CLI's line as it wrote it (JSON already), so the frame is
-/// written once, without copying or re-serialising the message (a reply's
-/// last lines hold its whole text).
-fn frame(
-    kind: &'static str,
-    text: Option<&str>,
-    tool: Option<(&str, &Value)>,
-    error: Option<&str>,
-    raw: Option<&str>,
-) -> Frame {
-    frame_with(kind, text, tool, error, raw, &[])
-}
-
-/// [`frame`] with more keys after the seed's.
-fn frame_with(
-    kind: &'static str,
-    text: Option<&str>,
-    tool: Option<(&str, &Value)>,
-    error: Option<&str>,
-    raw: Option<&str>,
-    extra: &[(&str, &Value)],
-) -> Frame {
-    let json_of = |value: Option<&str>| value.map_or_else(|| "null".to_owned(), |v| Value::from(v).to_string());
-    let text = json_of(text);
-    let mut json = String::with_capacity(text.len() + raw.map_or(4, str::len) + 128);
-    json.push_str("{\"type\":");
-    json.push_str(&Value::from(kind).to_string());
-    json.push_str(",\"text\":");
-    json.push_str(&text);
-    json.push_str(",\"tool_name\":");
-    json.push_str(&json_of(tool.map(|t| t.0)));
-    json.push_str(",\"tool_input\":");
-    json.push_str(&tool.map_or_else(|| "null".to_owned(), |t| t.1.to_string()));
-    json.push_str(",\"error\":");
-    json.push_str(&json_of(error));
-    for (key, value) in extra {
-        json.push_str(&format!(",{}:", Value::from(*key)));
-        json.push_str(&value.to_string());
-    }
-    json.push_str(",\"raw\":");
-    json.push_str(raw.unwrap_or("null"));
-    json.push('}');
-    Frame { kind, json }
-}
-
 /// The frames one CLI message (and its line) becomes.
 fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
     // JSON may hold a CR as whitespace between tokens, which SSE cannot
@@ -303,8 +257,8 @@ fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
         Some("stream_event") => {
             let delta = &message["event"]["delta"];
             match delta["type"].as_str() {
-                Some("text_delta") => vec![frame("text_delta", delta["text"].as_str(), None, None, raw)],
-                Some("thinking_delta") => vec![frame("thinking", delta["thinking"].as_str(), None, None, raw)],
+                Some("text_delta") => vec![Frame::new("text_delta", delta["text"].as_str(), None, None, raw)],
+                Some("thinking_delta") => vec![Frame::new("thinking", delta["thinking"].as_str(), None, None, raw)],
                 _ => Vec::new(),
             }
         }
@@ -314,7 +268,7 @@ fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
             .flatten()
             .filter(|block| block["type"] == "tool_use")
             .map(|block| {
-                frame("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, raw)
+                Frame::new("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, raw)
             })
             .collect(),
         Some("user") => message["message"]["content"]
@@ -327,17 +281,17 @@ fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
                     Value::String(text) => text.clone(),
                     other => other.to_string(),
                 };
-                frame("tool_result", Some(&content), None, None, raw)
+                Frame::new("tool_result", Some(&content), None, None, raw)
             })
             .collect(),
         Some("result") => {
             let keys = ["subtype", "is_error", "total_cost_usd", "usage", "duration_ms", "num_turns"];
             let extra: Vec<(&str, &Value)> = keys.iter().map(|key| (*key, &message[*key])).collect();
-            let result = frame_with("result", message["result"].as_str(), None, None, raw, &extra);
+            let result = Frame::with_extra("result", message["result"].as_str(), None, None, raw, &extra);
             let last = if message["is_error"] == true {
-                frame("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), raw)
+                Frame::new("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), raw)
             } else {
-                frame("done", None, None, None, None)
+                Frame::new("done", None, None, None, None)
             };
             vec![result, last]
         }
@@ -388,8 +342,9 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
                      GET /api/v1/sessions/{{id}}/messages has the full history"
                 );
                 let resumed_at = Value::from(resumed_at);
-                Event::default()
-                    .data(frame_with("gap", None, None, Some(&message), None, &[("resumed_at", &resumed_at)]).json)
+                Event::default().data(
+                    Frame::with_extra("gap", None, None, Some(&message), None, &[("resumed_at", &resumed_at)]).json,
+                )
             }
             StreamItem::Lagged { last_delivered, resumed_at } => {
                 crate::metrics::SSE_STREAMS_LAGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -400,7 +355,7 @@ fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static
                 );
                 let (last_delivered, resumed_at) = (Value::from(last_delivered), Value::from(resumed_at));
                 let extra = [("last_event_id", &last_delivered), ("resumed_at", &resumed_at)];
-                Event::default().data(frame_with("lagged", None, None, Some(&message), None, &extra).json)
+                Event::default().data(Frame::with_extra("lagged", None, None, Some(&message), None, &extra).json)
             }
         })
     });
