@@ -17,13 +17,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use shared::Text;
+use tokio_util::bytes::Bytes;
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::config::{ApiConfig, Secret};
 use crate::store::{NewMessage, Session, UsageTotals};
+use crate::stream_json::{self, CliLine};
 use crate::workers::sandbox;
 use crate::workers::supervisor::{ProcessEvent, SupervisorError};
 
@@ -71,23 +75,38 @@ impl std::fmt::Display for WarmScope {
 #[derive(Debug, Clone)]
 pub struct TurnOutcome {
     /// Every JSON message the CLI wrote during the turn, in order (control
-    /// responses and the echo of the user's own message left out).
-    pub messages: Vec<Value>,
+    /// responses, the echo of the user's own message and the partial
+    /// `stream_event` deltas left out).
+    pub messages: Vec<CliLine>,
     /// The final `result` message.
-    pub result: Value,
+    pub result: CliLine,
+}
+
+/// The counters of a `result`'s `usage`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct UsageFields<'a> {
+    #[serde(borrow, default)]
+    input_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    cache_read_input_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    cache_creation_input_tokens: Option<&'a RawValue>,
 }
 
 impl TurnOutcome {
     /// The usage and cost of the turn, from the CLI's `result`.
     pub fn usage(&self) -> UsageTotals {
-        let usage = &self.result["usage"];
-        let int = |key: &str| usage[key].as_i64().unwrap_or(0);
+        let result = self.result.message();
+        let usage: UsageFields = stream_json::view(result.usage).unwrap_or_default();
+        let int = |raw| stream_json::view::<i64>(raw).unwrap_or(0);
         UsageTotals {
-            input_tokens: int("input_tokens"),
-            output_tokens: int("output_tokens"),
-            cache_read_tokens: int("cache_read_input_tokens"),
-            cache_creation_tokens: int("cache_creation_input_tokens"),
-            total_cost_usd: self.result["total_cost_usd"].as_f64().unwrap_or(0.0),
+            input_tokens: int(usage.input_tokens),
+            output_tokens: int(usage.output_tokens),
+            cache_read_tokens: int(usage.cache_read_input_tokens),
+            cache_creation_tokens: int(usage.cache_creation_input_tokens),
+            total_cost_usd: stream_json::view(result.total_cost_usd).unwrap_or(0.0),
         }
     }
 }
@@ -100,58 +119,155 @@ pub fn user_message_line(text: &str, uuid: &str) -> String {
     line
 }
 
+/// A value of one of a frame's keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Field<'a> {
+    #[default]
+    Null,
+    /// Text, escaped into the frame.
+    Str(&'a str),
+    /// JSON already (a value from the CLI's line), put in as it is.
+    Json(&'a str),
+}
+
+/// The seed's keys of a frame besides `type` and `raw`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fields<'a> {
+    pub text: Field<'a>,
+    pub tool_name: Field<'a>,
+    pub tool_input: Field<'a>,
+    pub error: Field<'a>,
+}
+
+/// Parts of the CLI's line at least this long go into a frame shared, not
+/// copied: below, a copy costs less than one more chunk to write, and a
+/// frame never holds a line's buffer for a few bytes of it.
+const SHARE_MIN: usize = 16 * 1024;
+
 /// One SSE frame, serialised once: its `type` and its JSON object.
 #[derive(Debug)]
 pub struct Frame {
     pub kind: &'static str,
-    pub json: String,
+    pub json: FrameJson,
+}
+
+/// A frame's JSON object in parts: copied bytes, and big values of the
+/// CLI's line (a reply's text, the line itself as `raw`) shared with the
+/// line, so a 100 MB reply is never copied on its way to the client's
+/// socket. Compact JSON: no CR or LF, so it is one SSE `data:` line.
+#[derive(Debug, Clone, Default)]
+pub struct FrameJson {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl FrameJson {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The whole object in one string (a copy).
+    pub fn to_text(&self) -> String {
+        let mut text = String::with_capacity(self.len);
+        for part in &self.parts {
+            text.push_str(&String::from_utf8_lossy(part));
+        }
+        text
+    }
+}
+
+/// Writes a [`FrameJson`]: small pieces into one buffer, big parts of
+/// `line` shared.
+struct FrameWriter<'a> {
+    line: Option<&'a Text>,
+    parts: Vec<Bytes>,
+    buffer: String,
+    len: usize,
+}
+
+impl<'a> FrameWriter<'a> {
+    fn new(line: Option<&'a Text>) -> Self {
+        Self { line, parts: Vec::new(), buffer: String::with_capacity(256), len: 0 }
+    }
+
+    fn copy(&mut self, text: &str) {
+        self.buffer.push_str(text);
+    }
+
+    fn json(&mut self, json: &str) {
+        let shared = (json.len() >= SHARE_MIN).then(|| self.line.and_then(|line| line.part(json))).flatten();
+        match shared {
+            Some(part) => {
+                self.flush();
+                self.len += part.len();
+                self.parts.push(part.into_bytes());
+            }
+            None => self.copy(json),
+        }
+    }
+
+    fn string(&mut self, text: &str) {
+        // Escaping a `str` into a `String` cannot fail.
+        let escaped = serde_json::to_string(text).unwrap_or_default();
+        self.copy(&escaped);
+    }
+
+    fn field(&mut self, key: &str, value: Field) {
+        self.copy(",");
+        self.string(key);
+        self.copy(":");
+        match value {
+            Field::Null => self.copy("null"),
+            Field::Str(text) => self.string(text),
+            Field::Json(json) => self.json(json),
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.buffer.is_empty() {
+            let buffer = std::mem::replace(&mut self.buffer, String::with_capacity(256));
+            self.len += buffer.len();
+            self.parts.push(Bytes::from(buffer.into_bytes()));
+        }
+    }
+
+    fn finish(mut self) -> FrameJson {
+        self.flush();
+        FrameJson { parts: self.parts, len: self.len }
+    }
 }
 
 impl Frame {
-    /// A frame in the seed's shape: every key present, unused ones null.
-    /// `raw` is the CLI's line as it wrote it (JSON already), so the frame
-    /// is written once, without copying or re-serialising the message (a
-    /// reply's last lines hold its whole text).
-    pub fn new(
-        kind: &'static str,
-        text: Option<&str>,
-        tool: Option<(&str, &Value)>,
-        error: Option<&str>,
-        raw: Option<&str>,
-    ) -> Self {
-        Self::with_extra(kind, text, tool, error, raw, &[])
+    /// A frame in the seed's shape: every key present, unused ones null,
+    /// `raw` the CLI's line as it wrote it (JSON already; `fields` may hold
+    /// parts of it).
+    pub fn new(kind: &'static str, fields: Fields, raw: Option<&Text>) -> Self {
+        Self::with_extra(kind, fields, raw, &[])
     }
 
     /// [`Frame::new`] with more keys after the seed's.
-    pub fn with_extra(
-        kind: &'static str,
-        text: Option<&str>,
-        tool: Option<(&str, &Value)>,
-        error: Option<&str>,
-        raw: Option<&str>,
-        extra: &[(&str, &Value)],
-    ) -> Self {
-        let json_of = |value: Option<&str>| value.map_or_else(|| "null".to_owned(), |v| Value::from(v).to_string());
-        let text = json_of(text);
-        let mut json = String::with_capacity(text.len() + raw.map_or(4, str::len) + 128);
-        json.push_str("{\"type\":");
-        json.push_str(&Value::from(kind).to_string());
-        json.push_str(",\"text\":");
-        json.push_str(&text);
-        json.push_str(",\"tool_name\":");
-        json.push_str(&json_of(tool.map(|t| t.0)));
-        json.push_str(",\"tool_input\":");
-        json.push_str(&tool.map_or_else(|| "null".to_owned(), |t| t.1.to_string()));
-        json.push_str(",\"error\":");
-        json.push_str(&json_of(error));
+    pub fn with_extra(kind: &'static str, fields: Fields, raw: Option<&Text>, extra: &[(&str, Field)]) -> Self {
+        let mut writer = FrameWriter::new(raw);
+        writer.copy("{\"type\":");
+        writer.string(kind);
+        writer.field("text", fields.text);
+        writer.field("tool_name", fields.tool_name);
+        writer.field("tool_input", fields.tool_input);
+        writer.field("error", fields.error);
         for (key, value) in extra {
-            json.push_str(&format!(",{}:", Value::from(*key)));
-            json.push_str(&value.to_string());
+            writer.field(key, *value);
         }
-        json.push_str(",\"raw\":");
-        json.push_str(raw.unwrap_or("null"));
-        json.push('}');
-        Self { kind, json }
+        writer.field("raw", raw.map_or(Field::Null, |line| Field::Json(line)));
+        writer.copy("}");
+        Self { kind, json: writer.finish() }
     }
 
     /// `done` or `error`: the turn's last frame.
@@ -182,14 +298,14 @@ pub enum CliStart {
 
 /// The final frame of a turn that failed without a CLI result.
 pub fn error_frame(message: &str) -> Frame {
-    Frame::new("error", None, None, Some(message), None)
+    Frame::new("error", Fields { error: Field::Str(message), ..Fields::default() }, None)
 }
 
 /// One SSE frame of a session, as sent: `id:` and the JSON `data:`.
 #[derive(Debug)]
 pub struct StreamFrame {
     pub id: u64,
-    pub data: String,
+    pub data: FrameJson,
     /// `done` or `error`: the turn is over.
     pub terminal: bool,
 }
@@ -248,7 +364,7 @@ struct FrameLog {
 }
 
 impl FrameLog {
-    fn push(&mut self, data: String, terminal: bool) -> u64 {
+    fn push(&mut self, data: FrameJson, terminal: bool) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += data.len();
@@ -769,23 +885,22 @@ pub async fn idle_cli_reaper(state: AppState, shutdown: tokio_util::sync::Cancel
     }
 }
 
-/// What a turn wrote to the session's history: the user's message (as the
-/// CLI echoed it), the assistant's messages, tool results, the result.
-fn history_entry(message: &Value) -> Option<NewMessage> {
-    let kind = message["type"].as_str()?;
+/// What a turn wrote to the session's history: the user's message, the
+/// assistant's messages, tool results, the result; as the CLI wrote them.
+fn history_entry(line: &CliLine) -> Option<NewMessage> {
+    let kind = line.kind.as_deref()?;
     matches!(kind, "user" | "assistant" | "result")
-        .then(|| NewMessage { kind: kind.to_owned(), content: message.clone() })
+        .then(|| NewMessage { kind: kind.to_owned(), content: line.line.clone() })
 }
 
-/// Runs one turn; `on_message` sees every CLI message of the turn (parsed,
-/// and the line the CLI wrote) as it
+/// Runs one turn; `on_message` sees every CLI message of the turn as it
 /// arrives. The caller holds the session's turn.
 pub async fn run_turn(
     state: &AppState,
     session: &Session,
     text: &str,
     timeout: Duration,
-    mut on_message: impl FnMut(&Value, &str),
+    mut on_message: impl FnMut(&CliLine),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut deadline = Instant::now() + timeout;
@@ -795,15 +910,15 @@ pub async fn run_turn(
         None => start_cli(state, session, CliStart::ForMessage).await?,
     };
     let uuid = uuid::Uuid::new_v4().to_string();
-    if !state.supervisor.write_stdin(user, id, user_message_line(text, &uuid)).await {
+    let line = user_message_line(text, &uuid);
+    let own = NewMessage { kind: "user".into(), content: Text::from(line.trim_end().to_owned()) };
+    if !state.supervisor.write_stdin(user, id, line).await {
         return Err(TurnError::NotRunning);
     }
-    let own = json!({"type": "user", "uuid": uuid, "message": {"role": "user", "content": text}});
-    let mut history = vec![NewMessage { kind: "user".into(), content: own }];
+    let mut history = vec![own];
     let result = read_turn(state, session, &mut events, &mut deadline, timeout, &mut history, &mut on_message).await;
     if let Err(error) = &result {
-        history
-            .push(NewMessage { kind: "error".into(), content: json!({"type": "error", "error": error.to_string()}) });
+        history.push(NewMessage::json("error", &json!({"type": "error", "error": error.to_string()})));
     }
     state.metrics.turn(result.is_ok());
     let now = crate::store::now();
@@ -828,7 +943,7 @@ async fn read_turn(
     deadline: &mut Instant,
     timeout: Duration,
     history: &mut Vec<NewMessage>,
-    on_message: &mut impl FnMut(&Value, &str),
+    on_message: &mut impl FnMut(&CliLine),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
@@ -851,37 +966,38 @@ async fn read_turn(
         };
         match event {
             Ok(ProcessEvent::Line { stream: shared::protocol::OutputStream::Stdout, line, .. }) => {
-                let message = match serde_json::from_str::<Value>(&line) {
-                    Ok(message) => message,
+                let bytes = line.len();
+                let line = match CliLine::read(line) {
+                    Ok(line) => line,
                     Err(error) => {
                         // Its output can no longer be matched to turns: end the
                         // turn and the process (the next message resumes). The
                         // error says where, not what (the line is the user's).
-                        tracing::warn!(session_id = %id, bytes = line.len(), %error, "CLI wrote a line that is not JSON");
+                        tracing::warn!(session_id = %id, bytes, %error, "CLI wrote a line that is not JSON");
                         // Gone before the turn ends, so the next message starts a new CLI.
                         stop_and_wait(state, user, id).await;
                         return Err(TurnError::Protocol("an output line that is not JSON".into()));
                     }
                 };
-                if message["type"] == "control_response" {
+                if line.is("control_response") {
                     continue;
                 }
-                on_message(&message, &line);
+                on_message(&line);
                 // Partial deltas only feed the SSE frames: the assistant
                 // message that follows them holds the same text.
-                if message["type"] == "stream_event" {
+                if line.is("stream_event") {
                     continue;
                 }
-                history.extend(history_entry(&message));
-                let is_result = message["type"] == "result";
-                messages.push(message);
-                if is_result {
-                    if interrupted {
-                        return Err(TurnError::Timeout(timeout.as_secs()));
-                    }
-                    let result = messages.last().cloned().unwrap_or_default();
-                    return Ok(TurnOutcome { messages, result });
+                history.extend(history_entry(&line));
+                if !line.is("result") {
+                    messages.push(line);
+                    continue;
                 }
+                if interrupted {
+                    return Err(TurnError::Timeout(timeout.as_secs()));
+                }
+                messages.push(line.clone());
+                return Ok(TurnOutcome { messages, result: line });
             }
             Ok(ProcessEvent::Line { line, .. }) => tracing::debug!(session_id = %id, %line, "CLI stderr"),
             Ok(ProcessEvent::Exited { code, signal }) => {

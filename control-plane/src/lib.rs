@@ -17,5 +17,6 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request_id;
 pub mod store;
+pub mod stream_json;
 pub mod userdir;
 pub mod workers;

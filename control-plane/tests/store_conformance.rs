@@ -289,11 +289,12 @@ async fn get_session(store: &dyn Store, session_id: &str) -> Session {
 }
 
 fn message(kind: &str, content: Value) -> NewMessage {
-    NewMessage { kind: kind.to_owned(), content }
+    NewMessage::json(kind, &content)
 }
 
 fn stored(seq: i64, new: &NewMessage, created_at: DateTime<Utc>) -> StoredMessage {
-    StoredMessage { seq, kind: new.kind.clone(), content: new.content.clone(), created_at }
+    let content = serde_json::from_str(&new.content).expect("the content is JSON");
+    StoredMessage { seq, kind: new.kind.clone(), content, created_at }
 }
 
 fn seqs(messages: &[StoredMessage]) -> Vec<i64> {

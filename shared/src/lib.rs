@@ -8,3 +8,6 @@
 
 pub mod names;
 pub mod protocol;
+pub mod text;
+
+pub use text::Text;

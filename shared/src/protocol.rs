@@ -22,7 +22,10 @@
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::Text;
 
 /// Bumped on every incompatible change of the messages below (3: output
 /// lines in pieces, [`FromWorker::Output`]'s `partial`; 4: output frames
@@ -82,7 +85,7 @@ pub enum FromWorker {
         session_id: String,
         seq: u64,
         stream: OutputStream,
-        line: String,
+        line: Text,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         partial: bool,
     },
@@ -242,10 +245,11 @@ pub fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, serde_json::E
     Ok(body)
 }
 
-/// The inverse of [`encode_from_worker`].
-pub fn decode_from_worker(body: &[u8]) -> Result<FromWorker, FrameError> {
+/// The inverse of [`encode_from_worker`]. An output line stays in the
+/// frame's buffer (no copy).
+pub fn decode_from_worker(body: Bytes) -> Result<FromWorker, FrameError> {
     let Some(rest) = body.strip_prefix(&[OUTPUT_FRAME_MARK]) else {
-        return Ok(serde_json::from_slice(body)?);
+        return Ok(serde_json::from_slice(&body)?);
     };
     // Compact JSON holds no raw newline: the first one ends the header.
     let end = rest
@@ -253,13 +257,13 @@ pub fn decode_from_worker(body: &[u8]) -> Result<FromWorker, FrameError> {
         .position(|b| *b == b'\n')
         .ok_or(FrameError::Malformed("an output frame without its header's end"))?;
     let header: OutputHeader = serde_json::from_slice(&rest[..end])?;
-    let line =
-        std::str::from_utf8(&rest[end + 1..]).map_err(|_| FrameError::Malformed("an output line that is not UTF-8"))?;
+    let line = Text::try_from(body.slice(end + 2..))
+        .map_err(|_| FrameError::Malformed("an output line that is not UTF-8"))?;
     Ok(FromWorker::Output {
         session_id: header.session_id.into_owned(),
         seq: header.seq,
         stream: header.stream,
-        line: line.to_owned(),
+        line,
         partial: header.partial,
     })
 }
@@ -319,12 +323,12 @@ mod tests {
         let body = encode_from_worker(&message).expect("encode");
         assert_eq!(body[0], OUTPUT_FRAME_MARK);
         assert!(body.ends_with(line.as_bytes()), "the line is not sent as it is");
-        assert_eq!(decode_from_worker(&body).expect("decode"), message);
+        assert_eq!(decode_from_worker(body.into()).expect("decode"), message);
         // Every other message is plain JSON, both ways.
         let exited = FromWorker::Exited { session_id: "s-1".into(), seq: 43, code: Some(0), signal: None };
         let body = encode_from_worker(&exited).expect("encode");
         assert_eq!(body, serde_json::to_vec(&exited).expect("json"));
-        assert_eq!(decode_from_worker(&body).expect("decode"), exited);
+        assert_eq!(decode_from_worker(body.into()).expect("decode"), exited);
         // Broken output frames are errors, not panics.
         for broken in [
             &b"\0{\"session_id\":\"s\"}"[..],
@@ -332,7 +336,7 @@ mod tests {
             b"\0{\"session_id\":\"s\",\"seq\":1,\"stream\":\"stdout\"}\n\xff",
             b"\0",
         ] {
-            assert!(decode_from_worker(broken).is_err(), "{broken:?}");
+            assert!(decode_from_worker(Bytes::from_static(broken)).is_err(), "{broken:?}");
         }
     }
 
@@ -391,7 +395,7 @@ mod tests {
                 session_id: "s1".into(),
                 seq: 41,
                 stream: OutputStream::Stdout,
-                line: (*piece).to_owned(),
+                line: (*piece).to_owned().into(),
                 partial: i + 1 < pieces.len(),
             };
             write_frame_blocking(&mut wire, &message).expect("a piece fits in a frame");

@@ -360,7 +360,7 @@ async fn relay(
             }
             Ok(_) => (false, false),
         };
-        let line = String::from_utf8_lossy(&piece).into_owned();
+        let line = String::from_utf8_lossy(&piece).into_owned().into();
         let seq = *line_seq.get_or_insert_with(|| seq.fetch_add(1, Ordering::SeqCst));
         line_seq = partial.then_some(seq);
         outbox.send_output(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line, partial }).await;
@@ -500,7 +500,7 @@ mod tests {
                     panic!("{message:?}")
                 };
                 assert_eq!((session_id.as_str(), stream), ("s", OutputStream::Stdout));
-                frames.push((seq, line, partial));
+                frames.push((seq, line.to_string(), partial));
             }
             frames
         };

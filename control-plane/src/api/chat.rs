@@ -11,17 +11,19 @@
 //! every event has an `id:`, and an unknown or busy session is a 404/429
 //! before the stream starts. A client that goes away does not stop the turn.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use tokio_util::bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody, FieldError};
@@ -29,7 +31,8 @@ use super::extract::{ApiJson, ApiQuery, Validate};
 use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::chat::{self, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
+use crate::chat::{self, Field, Fields, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
+use crate::stream_json::{self, CliLine, MessageBody, RawJson, StreamEvent};
 use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -122,7 +125,7 @@ pub struct ChatResponse {
     /// Every message the CLI wrote during the turn, except the partial
     /// `stream_event` deltas (`POST /api/v1/chat/stream` relays those).
     #[schema(value_type = Vec<Object>)]
-    pub messages: Vec<Value>,
+    pub messages: Vec<RawJson>,
 }
 
 fn session_gone() -> ApiError {
@@ -159,15 +162,19 @@ pub(super) fn turn_error(error: TurnError) -> ApiError {
 }
 
 /// Every `tool_use` block of the turn's assistant messages.
-fn tool_calls(messages: &[Value]) -> Vec<ToolCall> {
+fn tool_calls(messages: &[CliLine]) -> Vec<ToolCall> {
     messages
         .iter()
-        .filter(|m| m["type"] == "assistant")
-        .flat_map(|m| m["message"]["content"].as_array().cloned().unwrap_or_default())
-        .filter(|block| block["type"] == "tool_use")
-        .map(|block| ToolCall {
-            tool: block["name"].as_str().unwrap_or_default().to_owned(),
-            input: block["input"].clone(),
+        .filter(|line| line.is("assistant"))
+        .flat_map(|line| {
+            MessageBody::blocks(line.message().message)
+                .into_iter()
+                .filter(|block| block.is("tool_use"))
+                .map(|block| ToolCall {
+                    tool: stream_json::string(block.name).unwrap_or_default().into_owned(),
+                    input: stream_json::view(block.input).unwrap_or(Value::Null),
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -184,8 +191,8 @@ async fn published_turn(
     let conversation = turn.conversation().clone();
     let mut finals = Vec::new();
     let result =
-        chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |message, line| {
-            for frame in frames_of(message, line) {
+        chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |line| {
+            for frame in frames_of(line) {
                 if frame.is_final() {
                     finals.push(frame);
                 } else {
@@ -226,72 +233,83 @@ pub async fn chat(
     // A sync turn is streamed to the session's frame log too, so a client can
     // watch it on GET /api/v1/sessions/{id}/stream.
     let outcome = published_turn(&state, &session, turn, &request).await?;
-    let result = &outcome.result;
+    let result = outcome.result.message();
     Ok(Json(ChatResponse {
         session_id: session.session_id.clone(),
-        text: result["result"].as_str().unwrap_or_default().to_owned(),
+        text: stream_json::string(result.result).unwrap_or_default().into_owned(),
         tool_calls: tool_calls(&outcome.messages),
         timestamp: store::now(),
-        subtype: result["subtype"].as_str().map(str::to_owned),
-        is_error: result["is_error"].as_bool().unwrap_or(false),
-        total_cost_usd: result["total_cost_usd"].as_f64().unwrap_or(0.0),
-        usage: result["usage"].clone(),
-        duration_ms: result["duration_ms"].as_u64(),
-        num_turns: result["num_turns"].as_u64(),
-        messages: outcome.messages,
+        subtype: stream_json::string(result.subtype).map(Cow::into_owned),
+        is_error: stream_json::view(result.is_error).unwrap_or(false),
+        total_cost_usd: stream_json::view(result.total_cost_usd).unwrap_or(0.0),
+        usage: stream_json::view(result.usage).unwrap_or(Value::Null),
+        duration_ms: stream_json::view(result.duration_ms),
+        num_turns: stream_json::view(result.num_turns),
+        messages: outcome.messages.iter().map(|line| RawJson(line.line.clone())).collect(),
     }))
 }
 
-/// The frames one CLI message (and its line) becomes.
-fn frames_of(message: &Value, line: &str) -> Vec<Frame> {
-    // JSON may hold a CR as whitespace between tokens, which SSE cannot
-    // carry: such a line is written anew (compact JSON has none).
-    let rewritten;
-    let raw = if line.contains('\r') {
-        rewritten = message.to_string();
-        Some(rewritten.as_str())
-    } else {
-        Some(line.trim())
-    };
-    match message["type"].as_str() {
+/// The frames one CLI message becomes. Their text and `raw` are parts of
+/// the CLI's line, not copies.
+fn frames_of(line: &CliLine) -> Vec<Frame> {
+    fn json(value: Option<&RawValue>) -> Field<'_> {
+        value.map_or(Field::Null, |value| Field::Json(value.get()))
+    }
+    let raw = Some(&line.line);
+    let message = line.message();
+    let text = |value| stream_json::string_literal(value).map_or(Field::Null, Field::Json);
+    match line.kind.as_deref() {
         Some("stream_event") => {
-            let delta = &message["event"]["delta"];
-            match delta["type"].as_str() {
-                Some("text_delta") => vec![Frame::new("text_delta", delta["text"].as_str(), None, None, raw)],
-                Some("thinking_delta") => vec![Frame::new("thinking", delta["thinking"].as_str(), None, None, raw)],
+            let Some(delta) = stream_json::view::<StreamEvent>(message.event).and_then(|event| event.delta) else {
+                return Vec::new();
+            };
+            match delta.kind.as_deref() {
+                Some("text_delta") => {
+                    vec![Frame::new("text_delta", Fields { text: text(delta.text), ..Fields::default() }, raw)]
+                }
+                Some("thinking_delta") => {
+                    vec![Frame::new("thinking", Fields { text: text(delta.thinking), ..Fields::default() }, raw)]
+                }
                 _ => Vec::new(),
             }
         }
-        Some("assistant") => message["message"]["content"]
-            .as_array()
+        Some("assistant") => MessageBody::blocks(message.message)
             .into_iter()
-            .flatten()
-            .filter(|block| block["type"] == "tool_use")
+            .filter(|block| block.is("tool_use"))
             .map(|block| {
-                Frame::new("tool_use", None, Some((block["name"].as_str().unwrap_or(""), &block["input"])), None, raw)
+                let name = stream_json::string_literal(block.name).map_or(Field::Str(""), Field::Json);
+                let input = json(block.input);
+                Frame::new("tool_use", Fields { tool_name: name, tool_input: input, ..Fields::default() }, raw)
             })
             .collect(),
-        Some("user") => message["message"]["content"]
-            .as_array()
+        Some("user") => MessageBody::blocks(message.message)
             .into_iter()
-            .flatten()
-            .filter(|block| block["type"] == "tool_result")
+            .filter(|block| block.is("tool_result"))
             .map(|block| {
-                let content = match &block["content"] {
-                    Value::String(text) => text.clone(),
-                    other => other.to_string(),
+                // A string as it is; other content (blocks) as its JSON text.
+                let content = match (stream_json::string_literal(block.content), block.content) {
+                    (Some(literal), _) => Field::Json(literal),
+                    (None, Some(json)) => Field::Str(json.get()),
+                    (None, None) => Field::Str("null"),
                 };
-                Frame::new("tool_result", Some(&content), None, None, raw)
+                Frame::new("tool_result", Fields { text: content, ..Fields::default() }, raw)
             })
             .collect(),
         Some("result") => {
-            let keys = ["subtype", "is_error", "total_cost_usd", "usage", "duration_ms", "num_turns"];
-            let extra: Vec<(&str, &Value)> = keys.iter().map(|key| (*key, &message[*key])).collect();
-            let result = Frame::with_extra("result", message["result"].as_str(), None, None, raw, &extra);
-            let last = if message["is_error"] == true {
-                Frame::new("error", None, None, Some(message["result"].as_str().unwrap_or("the turn failed")), raw)
+            let extra = [
+                ("subtype", json(message.subtype)),
+                ("is_error", json(message.is_error)),
+                ("total_cost_usd", json(message.total_cost_usd)),
+                ("usage", json(message.usage)),
+                ("duration_ms", json(message.duration_ms)),
+                ("num_turns", json(message.num_turns)),
+            ];
+            let result = Frame::with_extra("result", Fields { text: text(message.result), ..Fields::default() }, raw, &extra);
+            let last = if message.is_error.is_some_and(|is_error| is_error.get() == "true") {
+                let error = stream_json::string_literal(message.result).map_or(Field::Str("the turn failed"), Field::Json);
+                Frame::new("error", Fields { error, ..Fields::default() }, raw)
             } else {
-                Frame::new("done", None, None, None, None)
+                Frame::new("done", Fields::default(), None)
             };
             vec![result, last]
         }
@@ -327,43 +345,83 @@ pub async fn chat_stream(
 }
 
 /// An SSE response of a session's frames, with keep-alives and no proxy
-/// buffering.
+/// buffering. Written here rather than with axum's `Sse`, which copies each
+/// event into its own buffer: a frame's parts go to the socket as they are
+/// (see [`chat::FrameJson`]).
 fn sse_response(frames: impl futures::Stream<Item = StreamItem> + Send + 'static) -> Response {
     use futures::StreamExt;
     let open = crate::metrics::OpenStream::counted();
-    let events = frames.map(move |item| {
+    let chunks = Box::pin(frames.flat_map(move |item| {
         let _counted_while_the_stream_lives = &open;
-        Ok::<_, Infallible>(match item {
-            StreamItem::Frame(frame) => Event::default().id(frame.id.to_string()).data(frame.data.as_str()),
-            StreamItem::Gap { from, resumed_at } => {
-                let missed = resumed_at.saturating_sub(from);
-                let message = format!(
-                    "events before id {resumed_at} are no longer buffered (up to {missed} missed); \
-                     GET /api/v1/sessions/{{id}}/messages has the full history"
-                );
-                let resumed_at = Value::from(resumed_at);
-                Event::default().data(
-                    Frame::with_extra("gap", None, None, Some(&message), None, &[("resumed_at", &resumed_at)]).json,
-                )
-            }
-            StreamItem::Lagged { last_delivered, resumed_at } => {
-                crate::metrics::SSE_STREAMS_LAGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let message = format!(
-                    "this stream fell behind the session's event buffer and is closed; reconnect to \
-                     GET /api/v1/sessions/{{id}}/stream with Last-Event-ID: {last_delivered} \
-                     (events before id {resumed_at} are no longer buffered)"
-                );
-                let (last_delivered, resumed_at) = (Value::from(last_delivered), Value::from(resumed_at));
-                let extra = [("last_event_id", &last_delivered), ("resumed_at", &resumed_at)];
-                Event::default().data(Frame::with_extra("lagged", None, None, Some(&message), None, &extra).json)
-            }
-        })
+        futures::stream::iter(sse_event(item))
+    }));
+    // A comment line when nothing was sent for KEEP_ALIVE; `next` is
+    // cancel-safe, so a timed-out wait loses nothing.
+    let body = futures::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = match tokio::time::timeout(KEEP_ALIVE, chunks.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return None,
+            Err(_) => Bytes::from_static(b":\n\n"),
+        };
+        Some((Ok::<_, Infallible>(chunk), chunks))
     });
-    let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
+    let mut response = axum::body::Body::from_stream(body).into_response();
     let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("text/event-stream"));
     headers.insert("cache-control", HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// The chunks of one SSE event: `id:` (for frames of the log), `data:` with
+/// the frame's JSON (one line: compact JSON holds no CR or LF), a blank
+/// line. Small neighbouring pieces are joined into one chunk.
+fn sse_event(item: StreamItem) -> Vec<Bytes> {
+    let (id, json) = match item {
+        StreamItem::Frame(frame) => (Some(frame.id), frame.data.clone()),
+        StreamItem::Gap { from, resumed_at } => {
+            let missed = resumed_at.saturating_sub(from);
+            let message = format!(
+                "events before id {resumed_at} are no longer buffered (up to {missed} missed); \
+                 GET /api/v1/sessions/{{id}}/messages has the full history"
+            );
+            let resumed_at = resumed_at.to_string();
+            let fields = Fields { error: Field::Str(&message), ..Fields::default() };
+            (None, Frame::with_extra("gap", fields, None, &[("resumed_at", Field::Json(&resumed_at))]).json)
+        }
+        StreamItem::Lagged { last_delivered, resumed_at } => {
+            crate::metrics::SSE_STREAMS_LAGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let message = format!(
+                "this stream fell behind the session's event buffer and is closed; reconnect to \
+                 GET /api/v1/sessions/{{id}}/stream with Last-Event-ID: {last_delivered} \
+                 (events before id {resumed_at} are no longer buffered)"
+            );
+            let (last_delivered, resumed_at) = (last_delivered.to_string(), resumed_at.to_string());
+            let extra = [("last_event_id", Field::Json(&last_delivered)), ("resumed_at", Field::Json(&resumed_at))];
+            let fields = Fields { error: Field::Str(&message), ..Fields::default() };
+            (None, Frame::with_extra("lagged", fields, None, &extra).json)
+        }
+    };
+    const JOIN_BELOW: usize = 4096;
+    let mut chunks = Vec::with_capacity(json.parts().len() + 2);
+    let mut small = BytesMut::with_capacity(256);
+    if let Some(id) = id {
+        small.extend_from_slice(format!("id: {id}\n").as_bytes());
+    }
+    small.extend_from_slice(b"data: ");
+    for part in json.parts() {
+        if part.len() < JOIN_BELOW {
+            small.extend_from_slice(part);
+        } else {
+            if !small.is_empty() {
+                chunks.push(small.split().freeze());
+            }
+            chunks.push(part.clone());
+        }
+    }
+    small.extend_from_slice(b"\n\n");
+    chunks.push(small.freeze());
+    chunks
 }
 
 /// Query of `GET /api/v1/sessions/{id}/stream`.
@@ -615,16 +673,23 @@ pub async fn usage(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use serde_json::json;
+    use shared::Text;
 
     use super::*;
 
     fn parsed(frames: Vec<Frame>) -> Vec<(&'static str, Value)> {
-        frames.into_iter().map(|f| (f.kind, serde_json::from_str(&f.json).expect("frame is JSON"))).collect()
+        frames.into_iter().map(|f| (f.kind, serde_json::from_str(&f.json.to_text()).expect("frame is JSON"))).collect()
+    }
+
+    fn read(line: String) -> CliLine {
+        CliLine::read(Text::from(line)).expect("JSON")
     }
 
     fn of(message: Value) -> Vec<(&'static str, Value)> {
-        parsed(frames_of(&message, &message.to_string()))
+        parsed(frames_of(&read(message.to_string())))
     }
 
     #[test]
@@ -648,6 +713,12 @@ mod tests {
                          "error": null, "raw": tool})
             )]
         );
+        let tool_results = json!({"type": "user", "message": {"content": [
+            {"type": "tool_result", "content": "out\n"}, {"type": "tool_result", "content": [{"type": "text"}]},
+            {"type": "text", "text": "not a result"}]}});
+        let frames = of(tool_results);
+        assert_eq!(frames.len(), 2);
+        assert_eq!((&frames[0].1["text"], &frames[1].1["text"]), (&json!("out\n"), &json!(r#"[{"type":"text"}]"#)));
         let result = json!({"type": "result", "subtype": "success", "is_error": false, "result": "done.",
                             "total_cost_usd": 0.5, "usage": {"input_tokens": 3}, "duration_ms": 7, "num_turns": 1});
         let frames = of(result.clone());
@@ -665,7 +736,11 @@ mod tests {
         );
         let failed = json!({"type": "result", "is_error": true, "result": "budget"});
         assert_eq!(of(failed)[1].1["error"], "budget");
+        // Missing keys read as null, as in the seed.
+        let bare = of(json!({"type": "result"}));
+        assert_eq!((&bare[0].1["text"], &bare[0].1["usage"], bare[1].0), (&Value::Null, &Value::Null, "done"));
         assert!(of(json!({"type": "system"})).is_empty());
+        assert!(of(json!({"type": "stream_event", "event": "odd"})).is_empty());
     }
 
     #[test]
@@ -673,9 +748,44 @@ mod tests {
         // CR is JSON whitespace but would break the SSE framing.
         let line = "{\"type\":\"stream_event\",\r\"event\":{\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}}";
         let message: Value = serde_json::from_str(line).expect("valid JSON");
-        let frames = frames_of(&message, line);
-        assert!(!frames[0].json.contains('\r'));
-        let frame: Value = serde_json::from_str(&frames[0].json).expect("JSON");
+        let frames = frames_of(&read(line.to_owned()));
+        let json = frames[0].json.to_text();
+        assert!(!json.contains('\r'));
+        let frame: Value = serde_json::from_str(&json).expect("JSON");
         assert_eq!(frame["raw"], message);
+    }
+
+    #[test]
+    fn a_big_reply_is_shared_with_the_line_not_copied() {
+        let text = "x".repeat(100_000);
+        let line = read(json!({"type": "result", "result": text, "is_error": false}).to_string());
+        let frames = frames_of(&line);
+        let buffer = line.line.as_bytes().as_ptr_range();
+        let shared: Vec<usize> = frames[0]
+            .json
+            .parts()
+            .iter()
+            .filter(|part| buffer.contains(&part.as_ptr()))
+            .map(|part| part.len())
+            .collect();
+        // The text (with its quotes) and the whole line as `raw`.
+        assert_eq!(shared, [text.len() + 2, line.line.len()]);
+        assert_eq!(parsed(frames)[0].1["text"], text);
+    }
+
+    #[test]
+    fn an_sse_event_is_one_data_line_and_small_pieces_go_in_one_chunk() {
+        let line = read(json!({"type": "stream_event", "event": {"delta": {"type": "text_delta",
+            "text": "y".repeat(20_000)}}}).to_string());
+        let frame = frames_of(&line).remove(0);
+        let expected = format!("id: 7\ndata: {}\n\n", frame.json.to_text());
+        let chunks = sse_event(StreamItem::Frame(Arc::new(chat::StreamFrame { id: 7, data: frame.json, terminal: false })));
+        // `id:`+`data:`+the frame's head, the text, the middle, the line, the end.
+        assert_eq!(chunks.len(), 5, "{:?}", chunks.iter().map(Bytes::len).collect::<Vec<_>>());
+        assert_eq!(chunks.concat(), expected.as_bytes());
+        let gap = sse_event(StreamItem::Gap { from: 3, resumed_at: 9 });
+        let text = String::from_utf8(gap.concat()).expect("UTF-8");
+        let data: Value = serde_json::from_str(text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).expect("one data line")).expect("JSON");
+        assert_eq!((&data["type"], &data["resumed_at"]), (&json!("gap"), &json!(9)));
     }
 }

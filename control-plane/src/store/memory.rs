@@ -263,6 +263,12 @@ impl Store for MemoryStore {
             return Ok(());
         }
         let at = at.trunc_subsecs(6);
+        // Parsed before anything changes: a turn is stored whole or not at all.
+        let contents = messages
+            .iter()
+            .map(|m| serde_json::from_str(&m.content))
+            .collect::<Result<Vec<serde_json::Value>, _>>()
+            .map_err(|e| StoreError::Internal(format!("a message's content is not JSON: {e}")))?;
         self.with(|s| {
             let Some(session) = s.sessions.get_mut(session_id).filter(|x| x.status != SessionStatus::Deleted) else {
                 return Err(no_session_for_turn(session_id));
@@ -274,10 +280,10 @@ impl Store for MemoryStore {
             }
             let history = s.messages.entry(session_id.to_owned()).or_default();
             let last = history.last().map_or(0, |m| m.seq);
-            history.extend(messages.iter().zip(last + 1..).map(|(m, seq)| StoredMessage {
+            history.extend(messages.iter().zip(contents).zip(last + 1..).map(|((m, content), seq)| StoredMessage {
                 seq,
                 kind: m.kind.clone(),
-                content: m.content.clone(),
+                content,
                 created_at: at,
             }));
             Ok(())

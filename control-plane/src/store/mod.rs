@@ -267,7 +267,16 @@ impl SessionQuery {
 pub struct NewMessage {
     /// What the message is (e.g. the CLI's message type); stored as given.
     pub kind: String,
-    pub content: serde_json::Value,
+    /// JSON text, stored as it is: a line the CLI wrote, so a turn's
+    /// messages are stored without being serialised again.
+    pub content: shared::Text,
+}
+
+impl NewMessage {
+    /// A message the service writes itself.
+    pub fn json(kind: &str, content: &serde_json::Value) -> Self {
+        Self { kind: kind.to_owned(), content: content.to_string().into() }
+    }
 }
 
 /// One entry of a session's history, numbered from 1 in append order.

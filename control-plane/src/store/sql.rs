@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, NewMessage, Role, Session,
+    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, Role, Session,
     SessionOptions, SessionStatus, StoreError, StoreResult, StoredMessage, UsageTotals, User,
 };
 
@@ -184,12 +184,6 @@ impl MessageRow {
 /// Messages per INSERT statement: 5 bound parameters each, far below
 /// SQLite's 32,766 and PostgreSQL's 65,535 per statement.
 pub(super) const INSERT_BATCH_ROWS: usize = 500;
-
-/// A message's content as stored.
-pub(super) fn message_content(message: &NewMessage) -> StoreResult<String> {
-    serde_json::to_string(&message.content)
-        .map_err(|e| StoreError::Internal(format!("cannot serialise message content: {e}")))
-}
 
 pub(super) const MODEL_REQUEST_COLUMNS: &str = "request_id, user_id, session_id, at, method, path, model, status, \
      input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, duration_ms, tool_calls, \
@@ -761,8 +755,6 @@ macro_rules! impl_sql_store {
                     return Ok(());
                 }
                 let at = chrono::SubsecRound::trunc_subsecs(at, 6);
-                let contents =
-                    messages.iter().map($crate::store::sql::message_content).collect::<Result<Vec<_>, _>>()?;
                 let count = i64::try_from(messages.len())
                     .map_err(|_| $crate::store::StoreError::Internal("too many messages".into()))?;
                 // The session row's update is the transaction's first
@@ -804,7 +796,7 @@ macro_rules! impl_sql_store {
                     tx.rollback().await?;
                     return Err($crate::store::no_session_for_turn(session_id));
                 };
-                let rows: Vec<_> = messages.iter().zip(&contents).zip(last - count + 1..).collect();
+                let rows: Vec<_> = messages.iter().zip(last - count + 1..).collect();
                 // Multi-row INSERTs: one statement (one trip to the database)
                 // for a usual turn, well under either backend's limit on bound
                 // parameters per statement.
@@ -812,11 +804,11 @@ macro_rules! impl_sql_store {
                     let mut insert = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO messages (session_id, seq, kind, content, created_at) ",
                     );
-                    insert.push_values(batch, |mut row, ((message, content), seq)| {
+                    insert.push_values(batch, |mut row, (message, seq)| {
                         row.push_bind(session_id)
                             .push_bind(*seq)
                             .push_bind(message.kind.as_str())
-                            .push_bind(content.as_str())
+                            .push_bind(message.content.as_str())
                             .push_bind(at);
                     });
                     insert.build().execute(&mut *tx).await?;

@@ -18,6 +18,7 @@ use futures::{SinkExt, StreamExt};
 use shared::protocol::{
     ConfinementReport, FromWorker, MAX_FRAME_LEN, OutputStream, PROTOCOL_VERSION, ProcessSpec, ToWorker, UserIds,
 };
+use shared::Text;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::bytes::Bytes;
@@ -37,10 +38,11 @@ pub enum ProcessEvent {
     Started {
         pid: u32,
     },
+    /// One output line, shared by every receiver (cloning it copies nothing).
     Line {
         seq: u64,
         stream: OutputStream,
-        line: String,
+        line: Text,
     },
     /// Lines were lost between `expected` and `got` (never expected: the
     /// socket is reliable; reported rather than hidden).
@@ -93,8 +95,11 @@ struct LineAssembler {
 #[derive(Debug)]
 struct PendingLine {
     seq: u64,
-    /// `None` once the line was dropped: its remaining pieces are ignored.
-    text: Option<String>,
+    /// The pieces so far; `None` once the line was dropped: its remaining
+    /// pieces are ignored.
+    pieces: Option<Vec<Text>>,
+    /// Bytes in `pieces`.
+    len: usize,
 }
 
 impl LineAssembler {
@@ -104,25 +109,27 @@ impl LineAssembler {
 
     /// Takes one `Output` frame; returns the events it completes: a `Gap`
     /// when lines were lost, then the line, or the `Error` that says it was
-    /// dropped (once per line).
-    fn push(&mut self, seq: u64, stream: OutputStream, piece: String, partial: bool) -> Vec<ProcessEvent> {
+    /// dropped (once per line). A line of several pieces is joined once, at
+    /// its end, into a buffer of its exact size.
+    fn push(&mut self, seq: u64, stream: OutputStream, piece: Text, partial: bool) -> Vec<ProcessEvent> {
         let mut events = Vec::new();
         let index = match stream {
             OutputStream::Stdout => 0,
             OutputStream::Stderr => 1,
         };
-        let text = match self.pending[index].take() {
-            Some(PendingLine { seq: line, text }) if line == seq => match text {
-                Some(mut text) if text.len() + piece.len() <= self.max_line => {
-                    text.push_str(&piece);
-                    Some(text)
+        let kept = match self.pending[index].take() {
+            Some(PendingLine { seq: line, pieces, len }) if line == seq => match pieces {
+                Some(mut pieces) if len + piece.len() <= self.max_line => {
+                    let len = len + piece.len();
+                    pieces.push(piece);
+                    Some((pieces, len))
                 }
                 // Past the cap: the buffer goes now.
                 Some(_) => None,
                 // The rest of a dropped line.
                 None => {
                     if partial {
-                        self.pending[index] = Some(PendingLine { seq, text: None });
+                        self.pending[index] = Some(PendingLine { seq, pieces: None, len: 0 });
                     }
                     return events;
                 }
@@ -136,15 +143,18 @@ impl LineAssembler {
                     events.push(ProcessEvent::Gap { expected: self.next_seq, got: seq });
                 }
                 self.next_seq = seq + 1;
-                (piece.len() <= self.max_line).then_some(piece)
+                let len = piece.len();
+                (len <= self.max_line).then(|| (vec![piece], len))
             }
         };
-        match text {
-            Some(text) if partial => self.pending[index] = Some(PendingLine { seq, text: Some(text) }),
-            Some(line) => events.push(ProcessEvent::Line { seq, stream, line }),
+        match kept {
+            Some((pieces, len)) if partial => {
+                self.pending[index] = Some(PendingLine { seq, pieces: Some(pieces), len });
+            }
+            Some((pieces, _)) => events.push(ProcessEvent::Line { seq, stream, line: Text::concat(&pieces) }),
             None => {
                 if partial {
-                    self.pending[index] = Some(PendingLine { seq, text: None });
+                    self.pending[index] = Some(PendingLine { seq, pieces: None, len: 0 });
                 }
                 events.push(ProcessEvent::Error(self.too_long(stream)));
             }
@@ -595,7 +605,7 @@ impl Supervisor {
         let timeout = Duration::from_secs(sandbox_cfg.worker_start_timeout.max(1));
         let first = tokio::time::timeout(timeout, framed.next()).await;
         let report = match first {
-            Ok(Some(Ok(bytes))) => match shared::protocol::decode_from_worker(&bytes) {
+            Ok(Some(Ok(bytes))) => match shared::protocol::decode_from_worker(bytes.freeze()) {
                 Ok(FromWorker::Ready { version, confinement, .. }) if version == PROTOCOL_VERSION => confinement,
                 Ok(FromWorker::Ready { version, .. }) => {
                     return Err(SupervisorError::Start(format!("worker speaks protocol {version}")));
@@ -647,7 +657,7 @@ impl Supervisor {
             while let Some(frame) = frames.next().await {
                 match frame
                     .map_err(|e| e.to_string())
-                    .and_then(|b| shared::protocol::decode_from_worker(&b).map_err(|e| e.to_string()))
+                    .and_then(|b| shared::protocol::decode_from_worker(b.freeze()).map_err(|e| e.to_string()))
                 {
                     Ok(message) => reader.dispatch(message),
                     Err(error) => {
@@ -738,7 +748,7 @@ mod tests {
     use super::*;
 
     fn line(seq: u64, stream: OutputStream, text: &str) -> ProcessEvent {
-        ProcessEvent::Line { seq, stream, line: text.to_owned() }
+        ProcessEvent::Line { seq, stream, line: text.to_owned().into() }
     }
 
     #[test]
@@ -754,7 +764,7 @@ mod tests {
         assert_eq!(lines.push(1, Stdout, "\"}".into(), false), [line(1, Stdout, "{\"a\":\"é\"}")]);
         // An empty last piece ends the line too.
         assert!(lines.push(3, Stdout, "abc".into(), true).is_empty());
-        assert_eq!(lines.push(3, Stdout, String::new(), false), [line(3, Stdout, "abc")]);
+        assert_eq!(lines.push(3, Stdout, Text::default(), false), [line(3, Stdout, "abc")]);
         assert_eq!(lines.next_seq, 4);
         // A lost line shows as a gap, the line itself still arrives.
         assert_eq!(
@@ -779,7 +789,7 @@ mod tests {
             matches!(&events[..], [ProcessEvent::Error(m)] if m.contains("sandbox.max_output_line_mb")),
             "{events:?}"
         );
-        assert!(matches!(&lines.pending[0], Some(PendingLine { seq: 2, text: None })));
+        assert!(matches!(&lines.pending[0], Some(PendingLine { seq: 2, pieces: None, .. })));
         assert!(lines.push(2, Stdout, "more".into(), true).is_empty());
         assert!(lines.push(2, Stdout, "end".into(), false).is_empty());
         assert!(lines.pending[0].is_none());
