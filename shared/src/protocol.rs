@@ -232,17 +232,37 @@ struct OutputHeader<'a> {
 /// A worker message as a frame body: `Output` as a mark byte, its header
 /// as JSON, a newline, then the line's bytes unescaped; anything else as
 /// JSON.
-pub fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, serde_json::Error> {
-    let FromWorker::Output { session_id, seq, stream, line, partial } = message else {
-        return serde_json::to_vec(message);
-    };
-    let header = OutputHeader { session_id: session_id.into(), seq: *seq, stream: *stream, partial: *partial };
-    let mut body = Vec::with_capacity(line.len() + 128);
-    body.push(OUTPUT_FRAME_MARK);
-    serde_json::to_writer(&mut body, &header)?;
-    body.push(b'\n');
-    body.extend_from_slice(line.as_bytes());
+pub fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, FrameError> {
+    let (head, line) = frame_from_worker(message)?;
+    let mut body = head[4..].to_vec();
+    body.extend_from_slice(line.as_ref().map_or(&[][..], |line| &line[..]));
     Ok(body)
+}
+
+/// A worker message as a whole frame, in two parts to write one after the
+/// other: the length prefix with the body's head, then (for `Output`) the
+/// line, written from its own buffer rather than copied behind the head.
+pub fn frame_from_worker(message: &FromWorker) -> Result<(Vec<u8>, Option<Bytes>), FrameError> {
+    let mut head = vec![0; 4];
+    let line = match message {
+        FromWorker::Output { session_id, seq, stream, line, partial } => {
+            let header = OutputHeader { session_id: session_id.into(), seq: *seq, stream: *stream, partial: *partial };
+            head.push(OUTPUT_FRAME_MARK);
+            serde_json::to_writer(&mut head, &header)?;
+            head.push(b'\n');
+            Some(line.as_bytes().clone())
+        }
+        other => {
+            serde_json::to_writer(&mut head, other)?;
+            None
+        }
+    };
+    let len = head.len() - 4 + line.as_ref().map_or(0, Bytes::len);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLong(len));
+    }
+    head[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok((head, line))
 }
 
 /// The inverse of [`encode_from_worker`]. An output line stays in the
@@ -323,6 +343,12 @@ mod tests {
         let body = encode_from_worker(&message).expect("encode");
         assert_eq!(body[0], OUTPUT_FRAME_MARK);
         assert!(body.ends_with(line.as_bytes()), "the line is not sent as it is");
+        // As written: the length prefix, the head, then the line from its own buffer.
+        let (head, rest) = frame_from_worker(&message).expect("frame");
+        let rest = rest.expect("an output frame writes its line after the head");
+        assert_eq!(rest, line.as_bytes());
+        assert_eq!(&head[..4], &((body.len()) as u32).to_be_bytes());
+        assert_eq!([&head[4..], &rest[..]].concat(), body);
         assert_eq!(decode_from_worker(body.into()).expect("decode"), message);
         // Every other message is plain JSON, both ways.
         let exited = FromWorker::Exited { session_id: "s-1".into(), seq: 43, code: Some(0), signal: None };

@@ -15,16 +15,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use shared::protocol::{
     FromWorker, MAX_FRAME_LEN, OUTPUT_PIECE_LEN, OutputStream, ProcessSpec, ToWorker, WorkerConfig,
 };
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::bytes::Bytes;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use shared::Text;
+use tokio_util::bytes::{Buf, Bytes, BytesMut};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 /// Bytes of output lines that may wait to be written to the control socket:
 /// beyond, relaying waits (and the CLI blocks on its full pipe) instead of
@@ -79,13 +80,17 @@ pub fn run(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<()> 
 async fn serve(control: StdUnixStream, config: WorkerConfig) -> std::io::Result<()> {
     control.set_nonblocking(true)?;
     let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_FRAME_LEN).new_codec();
-    let (mut sink, mut frames) = Framed::new(UnixStream::from_std(control)?, codec).split::<Bytes>();
+    let (reader, mut socket) = UnixStream::from_std(control)?.into_split();
+    let mut frames = FramedRead::new(reader, codec);
     let (outbox, mut outgoing) = Outbox::new();
     let writer = tokio::spawn(async move {
         while let Some((message, budget)) = outgoing.recv().await {
-            let Ok(bytes) = shared::protocol::encode_from_worker(&message) else { continue };
+            // The frame's head, then an output line from the buffer it was
+            // read into: nothing is copied on the way to the socket.
+            let Ok((head, line)) = shared::protocol::frame_from_worker(&message) else { continue };
             drop(message);
-            if sink.send(Bytes::from(bytes)).await.is_err() {
+            let mut frame = Bytes::from(head).chain(line.unwrap_or_default());
+            if socket.write_all_buf(&mut frame).await.is_err() {
                 break;
             }
             // Written: its share of the output budget is free again.
@@ -319,54 +324,70 @@ async fn opt(future: Option<impl std::future::Future<Output = ()>>) {
     }
 }
 
+/// How much is read from a CLI's pipe at a time (a pipe holds 64 KiB).
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Sends each line of `reader` as `Output` frames: whole when it fits in
 /// [`OUTPUT_PIECE_LEN`] bytes, else in pieces of at most that many bytes
 /// (each but the last `partial`), so no line is ever held whole; the control
 /// plane reassembles them and caps their length. Bytes that are not UTF-8
 /// become U+FFFD, as in a whole line: a character cut by a piece's end goes
 /// into the next piece.
+///
+/// Lines are cut out of the buffer the pipe is read into and sent from it:
+/// output is not copied in the worker.
 async fn relay(
-    reader: impl AsyncRead + Unpin,
+    mut reader: impl AsyncRead + Unpin,
     stream: OutputStream,
     session_id: &str,
     seq: &AtomicU64,
     outbox: &Outbox,
 ) {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
-    let mut piece = Vec::new();
-    // The first bytes of a character the previous piece's end cut.
-    let mut carry = Vec::new();
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+    // `buffer[..searched]` holds no newline.
+    let mut searched = 0;
+    let mut ended = false;
     // The seq of the line whose first pieces were sent, if any.
     let mut line_seq = None;
     loop {
-        piece.clear();
-        piece.append(&mut carry);
-        let room = (OUTPUT_PIECE_LEN - piece.len()) as u64;
-        let read = (&mut reader).take(room).read_until(b'\n', &mut piece).await;
-        let (partial, last) = match read {
-            // The end of the output: a line in progress ends here.
-            Ok(0) | Err(_) if piece.is_empty() && line_seq.is_none() => return,
-            Ok(0) | Err(_) => (false, true),
-            Ok(_) if piece.last() == Some(&b'\n') => {
-                piece.pop();
-                (false, false)
+        let newline = memchr::memchr(b'\n', &buffer[searched..]).map(|at| searched + at);
+        let (piece, partial) = match newline {
+            Some(at) => {
+                let mut line = buffer.split_to(at + 1);
+                line.truncate(at);
+                (line, false)
             }
-            // The piece is full (else the output ended: a last line without
-            // its newline, sent as it is).
-            Ok(_) if piece.len() == OUTPUT_PIECE_LEN => {
-                carry.extend_from_slice(&piece[char_cut(&piece)..]);
-                piece.truncate(piece.len() - carry.len());
-                (true, false)
+            None if buffer.len() >= OUTPUT_PIECE_LEN => {
+                let cut = char_cut(&buffer[..OUTPUT_PIECE_LEN]);
+                (buffer.split_to(cut), true)
             }
-            Ok(_) => (false, false),
+            // The end of the output: a line in progress (or a last line
+            // without its newline) ends here.
+            None if ended => {
+                if buffer.is_empty() && line_seq.is_none() {
+                    return;
+                }
+                (buffer.split(), false)
+            }
+            None => {
+                searched = buffer.len();
+                // A long line is read into room for a whole piece at once,
+                // not grown (and copied) 64 KiB at a time.
+                let room = if buffer.len() >= READ_CHUNK { OUTPUT_PIECE_LEN - buffer.len() } else { READ_CHUNK };
+                buffer.reserve(room);
+                if !matches!(reader.read_buf(&mut buffer).await, Ok(read) if read > 0) {
+                    ended = true;
+                }
+                continue;
+            }
         };
-        let line = String::from_utf8_lossy(&piece).into_owned().into();
+        searched = 0;
+        let piece = piece.freeze();
+        let line = Text::try_from(piece.clone())
+            .unwrap_or_else(|_| Text::from(String::from_utf8_lossy(&piece).into_owned()));
         let seq = *line_seq.get_or_insert_with(|| seq.fetch_add(1, Ordering::SeqCst));
         line_seq = partial.then_some(seq);
         outbox.send_output(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line, partial }).await;
-        if last {
-            return;
-        }
     }
 }
 

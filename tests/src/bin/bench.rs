@@ -632,8 +632,7 @@ async fn sync_timed_raw(
 }
 
 /// An SSE turn read as bytes: frames of megabytes are not parsed (the raw
-/// CLI's lines are not either), a frame's kind is found by its `"type"`
-/// (the filler text holds no quotes, so only real keys match).
+/// CLI's lines are not either); a frame's kind is its first key, `type`.
 async fn sse_timed_raw(
     client: &reqwest::Client,
     server: &TestServer,
@@ -653,37 +652,35 @@ async fn sse_timed_raw(
         return Err(Failure::since(started, format!("HTTP {}", response.status())));
     }
     let mut body = response.bytes_stream();
-    let mut buffer = String::new();
+    // Bytes as they come, not text: a frame's type is its first key, so a
+    // client needs no more than the event's start to know what it is (and
+    // the harness's own copying stays out of the figure).
+    let mut buffer: Vec<u8> = Vec::new();
     // `buffer[..searched]` holds no event end.
     let mut searched = 0;
     let mut result_at = None;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| Failure::since(started, format!("the stream broke: {e}")))?;
-        // Lossy at a split UTF-8 char, which the ASCII frames here never have.
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer[searched..].find("\n\n").map(|at| searched + at) {
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = memchr::memmem::find(&buffer[searched..], b"\n\n").map(|at| searched + at) {
             let event = &buffer[..end];
-            let has = |kind: &str| event.contains(&format!("\"type\":\"{kind}\""));
-            // An `error` frame carries the failed `result` in its `raw`: test it first.
-            if has("error") || has("lagged") {
-                let data = event.lines().find_map(|l| l.strip_prefix("data:")).unwrap_or_default();
-                let frame: serde_json::Value = serde_json::from_str(data.trim()).unwrap_or_default();
+            let data = event.split(|b| *b == b'\n').find_map(|l| l.strip_prefix(b"data: ")).unwrap_or_default();
+            let is = |kind: &str| data.starts_with(format!("{{\"type\":\"{kind}\"").as_bytes());
+            if is("error") || is("lagged") {
+                let frame: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
                 let (kind, error) = (frame["type"].as_str().unwrap_or("?"), frame["error"].as_str().unwrap_or("?"));
                 return Err(Failure::since(started, format!("`{kind}` event: {error}")));
             }
-            if has("done") {
+            if is("done") {
                 return Ok((result_at.unwrap_or(f64::NAN), ms(started)));
             }
-            if has("result") {
+            if is("result") {
                 result_at = Some(ms(started));
             }
             buffer.drain(..end + 2);
             searched = 0;
         }
         searched = buffer.len().saturating_sub(1);
-        while !buffer.is_char_boundary(searched) {
-            searched -= 1;
-        }
     }
     Err(Failure::since(started, "the stream ended without `done`"))
 }
