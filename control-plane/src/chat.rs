@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::app::AppState;
 use crate::config::{ApiConfig, Secret};
 use crate::store::{NewMessage, Session, UsageTotals};
-use crate::stream_json::{self, CliLine};
+use crate::stream_json::{self, CliLine, CliMessage};
 use crate::workers::sandbox;
 use crate::workers::supervisor::{ProcessEvent, SupervisorError};
 
@@ -900,7 +900,7 @@ pub async fn run_turn(
     session: &Session,
     text: &str,
     timeout: Duration,
-    mut on_message: impl FnMut(&CliLine),
+    mut on_message: impl FnMut(&Text, &CliMessage),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut deadline = Instant::now() + timeout;
@@ -943,7 +943,7 @@ async fn read_turn(
     deadline: &mut Instant,
     timeout: Duration,
     history: &mut Vec<NewMessage>,
-    on_message: &mut impl FnMut(&CliLine),
+    on_message: &mut impl FnMut(&Text, &CliMessage),
 ) -> Result<TurnOutcome, TurnError> {
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
@@ -967,7 +967,17 @@ async fn read_turn(
         match event {
             Ok(ProcessEvent::Line { stream: shared::protocol::OutputStream::Stdout, line, .. }) => {
                 let bytes = line.len();
-                let line = match CliLine::read(line) {
+                // One pass over the line (`CliMessage::parse`): it may hold
+                // a reply of megabytes.
+                let read = stream_json::without_cr(line).and_then(|line| {
+                    let message = CliMessage::parse(&line)?;
+                    let kind = message.kind.as_deref().map(str::to_owned);
+                    if kind.as_deref() != Some("control_response") {
+                        on_message(&line, &message);
+                    }
+                    Ok(CliLine { kind, line })
+                });
+                let line = match read {
                     Ok(line) => line,
                     Err(error) => {
                         // Its output can no longer be matched to turns: end the
@@ -982,7 +992,6 @@ async fn read_turn(
                 if line.is("control_response") {
                     continue;
                 }
-                on_message(&line);
                 // Partial deltas only feed the SSE frames: the assistant
                 // message that follows them holds the same text.
                 if line.is("stream_event") {

@@ -9,23 +9,24 @@
 
 use std::borrow::Cow;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use shared::Text;
 
-/// The fields of a CLI message the service reads, as slices of its line.
-/// Keys it does not read are skipped, not copied.
+/// The fields of a CLI message the service reads; text and JSON values as
+/// slices of its line. Keys it does not read are skipped, not copied.
 #[derive(Debug, Default, Deserialize)]
 pub struct CliMessage<'a> {
     #[serde(rename = "type", borrow, default)]
     pub kind: Option<Cow<'a, str>>,
     /// `stream_event`: the model's event.
     #[serde(borrow, default)]
-    pub event: Option<&'a RawValue>,
+    pub event: Option<StreamEvent<'a>>,
     /// `assistant`, `user`: the message.
     #[serde(borrow, default)]
-    pub message: Option<&'a RawValue>,
+    pub message: Option<MessageBody<'a>>,
     /// `result`: the final text (or the error).
     #[serde(borrow, default)]
     pub result: Option<&'a RawValue>,
@@ -43,39 +44,79 @@ pub struct CliMessage<'a> {
     pub num_turns: Option<&'a RawValue>,
 }
 
+/// [`CliMessage`] with its nested parts unread, for a message whose parts
+/// do not have the shapes the CLI writes.
+#[derive(Debug, Default, Deserialize)]
+struct LooseMessage<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    subtype: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    is_error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    total_cost_usd: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    duration_ms: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    num_turns: Option<&'a RawValue>,
+}
+
+impl<'a> CliMessage<'a> {
+    /// Reads a line in one pass when it has the CLI's shapes. A line of
+    /// JSON whose parts have other shapes reads as far as they fit (as an
+    /// absent key reads in a `Value`; a duplicate key, which the CLI never
+    /// writes, leaves it unread); not JSON is an error.
+    pub fn parse(line: &'a str) -> Result<Self, serde_json::Error> {
+        let Err(first) = serde_json::from_str::<CliMessage>(line) else {
+            return serde_json::from_str(line);
+        };
+        serde_json::from_str::<IgnoredAny>(line)?;
+        tracing::trace!(error = %first, "a CLI line read loosely");
+        let loose: LooseMessage = serde_json::from_str(line).unwrap_or_default();
+        Ok(CliMessage {
+            kind: loose.kind,
+            event: view(loose.event),
+            message: view(loose.message),
+            result: loose.result,
+            subtype: loose.subtype,
+            is_error: loose.is_error,
+            total_cost_usd: loose.total_cost_usd,
+            usage: loose.usage,
+            duration_ms: loose.duration_ms,
+            num_turns: loose.num_turns,
+        })
+    }
+}
+
 /// A line of the CLI's output that is JSON, and its `type`.
 #[derive(Debug, Clone)]
 pub struct CliLine {
     /// `None` for JSON that is no object with a string `type`.
     pub kind: Option<String>,
-    /// Compact JSON without a CR (see [`CliLine::read`]).
+    /// JSON without a CR (see [`without_cr`]).
     pub line: Text,
 }
 
 impl CliLine {
-    /// Reads one output line; an error when it is not JSON. A line SSE
-    /// cannot carry as it is (a CR, which JSON allows as whitespace) or
-    /// that the typed view cannot read (a duplicate key) is written anew
-    /// from its parsed value, as the last duplicate wins there.
+    /// Reads one output line; an error when it is not JSON.
     pub fn read(line: Text) -> Result<CliLine, serde_json::Error> {
-        let line = if line.contains('\r') { rewritten(&line)? } else { line };
-        match serde_json::from_str::<CliMessage>(&line) {
-            Ok(message) => {
-                let kind = message.kind.map(Cow::into_owned);
-                Ok(CliLine { kind, line })
-            }
-            Err(_) => {
-                let value: Value = serde_json::from_str(&line)?;
-                let line: Text = value.to_string().into();
-                let kind = serde_json::from_str::<CliMessage>(&line).ok().and_then(|m| m.kind.map(Cow::into_owned));
-                Ok(CliLine { kind, line })
-            }
-        }
+        let line = without_cr(line)?;
+        let kind = CliMessage::parse(&line)?.kind.map(Cow::into_owned);
+        Ok(CliLine { kind, line })
     }
 
-    /// The fields the service reads (empty for a line that is no object).
+    /// The fields the service reads (none for a line that is no object).
     pub fn message(&self) -> CliMessage<'_> {
-        serde_json::from_str(&self.line).unwrap_or_default()
+        CliMessage::parse(&self.line).unwrap_or_default()
     }
 
     pub fn is(&self, kind: &str) -> bool {
@@ -83,8 +124,13 @@ impl CliLine {
     }
 }
 
-fn rewritten(line: &str) -> Result<Text, serde_json::Error> {
-    Ok(serde_json::from_str::<Value>(line)?.to_string().into())
+/// The line, or when it holds a CR (JSON whitespace between tokens, which
+/// SSE cannot carry as it is), the line written anew.
+pub fn without_cr(line: Text) -> Result<Text, serde_json::Error> {
+    if memchr::memchr(b'\r', line.as_bytes()).is_none() {
+        return Ok(line);
+    }
+    Ok(serde_json::from_str::<Value>(&line)?.to_string().into())
 }
 
 /// A JSON string's text: `Some` when `raw` is a JSON string.
@@ -120,18 +166,61 @@ pub struct Delta<'a> {
     pub thinking: Option<&'a RawValue>,
 }
 
-/// An `assistant` or `user` message's content blocks.
-#[derive(Debug, Deserialize)]
+/// An `assistant` or `user` message, as far as the service reads it.
+#[derive(Debug, Default, Deserialize)]
 pub struct MessageBody<'a> {
     #[serde(borrow, default)]
-    pub content: Option<&'a RawValue>,
+    pub content: Content<'a>,
 }
 
-impl<'a> MessageBody<'a> {
-    /// The content's blocks; none when the content is no array (a user
-    /// message's plain text).
-    pub fn blocks(raw: Option<&'a RawValue>) -> Vec<Block<'a>> {
-        view::<MessageBody>(raw).and_then(|body| view::<Vec<Block>>(body.content)).unwrap_or_default()
+impl MessageBody<'_> {
+    /// The content's blocks; none when the content is plain text.
+    pub fn blocks(&self) -> &[Block<'_>] {
+        match &self.content {
+            Content::Blocks(blocks) => blocks,
+            Content::Absent | Content::Text => &[],
+        }
+    }
+}
+
+/// A message's content: plain text (a user's message, not read) or blocks.
+#[derive(Debug, Default)]
+pub enum Content<'a> {
+    #[default]
+    Absent,
+    Text,
+    Blocks(Vec<Block<'a>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for ContentVisitor {
+            type Value = Content<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content blocks")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Content::Text)
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Content::Absent)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut blocks = Vec::new();
+                while let Some(block) = seq.next_element()? {
+                    blocks.push(block);
+                }
+                Ok(Content::Blocks(blocks))
+            }
+        }
+
+        deserializer.deserialize_any(ContentVisitor)
     }
 }
 
@@ -185,8 +274,9 @@ mod tests {
         // A CR between tokens (SSE cannot carry it) and a duplicate key.
         let line = CliLine::read(Text::from("{\"type\":\"user\",\r\n\"a\":1}")).expect("json");
         assert_eq!(line.line, r#"{"a":1,"type":"user"}"#);
+        // A duplicate key (the CLI writes none) leaves the line unread, not lost.
         let line = CliLine::read(Text::from(r#"{"type":"user","type":"assistant"}"#)).expect("json");
-        assert!(line.is("assistant"), "{line:?}");
+        assert_eq!(line.kind, None, "{line:?}");
         // JSON that is no message is read, with no type; not JSON is an error.
         for other in ["[1,2]", "\"text\"", r#"{"type":7}"#, "{}"] {
             assert_eq!(CliLine::read(Text::from(other)).expect(other).kind, None, "{other}");
@@ -200,14 +290,19 @@ mod tests {
             r#"{"type":"assistant","message":{"content":[{"type":"text","text":"hi"},{"type":"tool_use","name":"Bash","input":{"command":"ls"}}]}}"#,
         ))
         .expect("json");
-        let blocks = MessageBody::blocks(line.message().message);
+        let message = line.message();
+        let blocks = message.message.as_ref().map(MessageBody::blocks).unwrap_or_default();
         assert_eq!(blocks.len(), 2);
         assert!(blocks[1].is("tool_use"));
         assert_eq!(string(blocks[1].name).as_deref(), Some("Bash"));
         assert_eq!(blocks[1].input.map(RawValue::get), Some(r#"{"command":"ls"}"#));
         // Plain text content has no blocks.
         let user = CliLine::read(Text::from(r#"{"type":"user","message":{"content":"hello"}}"#)).expect("json");
-        assert!(MessageBody::blocks(user.message().message).is_empty());
+        assert!(matches!(user.message().message, Some(MessageBody { content: Content::Text })));
+        // Content that is neither text nor blocks reads as absent, the rest of the line still reads.
+        let odd = CliLine::read(Text::from(r#"{"type":"assistant","message":{"content":[1]},"result":"r"}"#)).expect("json");
+        let message = odd.message();
+        assert!(odd.is("assistant") && message.message.is_none() && message.result.is_some(), "{message:?}");
         let response = serde_json::to_string(&serde_json::json!({"m": [RawJson(line.line.clone())]})).expect("json");
         assert!(response.contains(r#"{"command":"ls"}"#), "{response}");
     }

@@ -32,7 +32,8 @@ use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat::{self, Field, Fields, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
-use crate::stream_json::{self, CliLine, MessageBody, RawJson, StreamEvent};
+use crate::stream_json::{self, CliLine, CliMessage, MessageBody, RawJson};
+use shared::Text;
 use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -163,20 +164,16 @@ pub(super) fn turn_error(error: TurnError) -> ApiError {
 
 /// Every `tool_use` block of the turn's assistant messages.
 fn tool_calls(messages: &[CliLine]) -> Vec<ToolCall> {
-    messages
-        .iter()
-        .filter(|line| line.is("assistant"))
-        .flat_map(|line| {
-            MessageBody::blocks(line.message().message)
-                .into_iter()
-                .filter(|block| block.is("tool_use"))
-                .map(|block| ToolCall {
-                    tool: stream_json::string(block.name).unwrap_or_default().into_owned(),
-                    input: stream_json::view(block.input).unwrap_or(Value::Null),
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut calls = Vec::new();
+    for line in messages.iter().filter(|line| line.is("assistant")) {
+        let message = line.message();
+        let blocks = message.message.as_ref().map(MessageBody::blocks).unwrap_or_default();
+        calls.extend(blocks.iter().filter(|block| block.is("tool_use")).map(|block| ToolCall {
+            tool: stream_json::string(block.name).unwrap_or_default().into_owned(),
+            input: stream_json::view(block.input).unwrap_or(Value::Null),
+        }));
+    }
+    calls
 }
 
 /// Records the turn in the store (count, activity, usage).
@@ -191,8 +188,8 @@ async fn published_turn(
     let conversation = turn.conversation().clone();
     let mut finals = Vec::new();
     let result =
-        chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |line| {
-            for frame in frames_of(line) {
+        chat::run_turn(state, session, &request.message, Duration::from_secs(request.timeout), |line, message| {
+            for frame in frames_of(line, message) {
                 if frame.is_final() {
                     finals.push(frame);
                 } else {
@@ -249,18 +246,18 @@ pub async fn chat(
     }))
 }
 
-/// The frames one CLI message becomes. Their text and `raw` are parts of
-/// the CLI's line, not copies.
-fn frames_of(line: &CliLine) -> Vec<Frame> {
+/// The frames one CLI message (read from `line`) becomes. Their text and
+/// `raw` are parts of the CLI's line, not copies.
+fn frames_of(line: &Text, message: &CliMessage) -> Vec<Frame> {
     fn json(value: Option<&RawValue>) -> Field<'_> {
         value.map_or(Field::Null, |value| Field::Json(value.get()))
     }
-    let raw = Some(&line.line);
-    let message = line.message();
+    let raw = Some(line);
     let text = |value| stream_json::string_literal(value).map_or(Field::Null, Field::Json);
-    match line.kind.as_deref() {
+    let blocks = || message.message.as_ref().map(MessageBody::blocks).unwrap_or_default().iter();
+    match message.kind.as_deref() {
         Some("stream_event") => {
-            let Some(delta) = stream_json::view::<StreamEvent>(message.event).and_then(|event| event.delta) else {
+            let Some(delta) = message.event.as_ref().and_then(|event| event.delta.as_ref()) else {
                 return Vec::new();
             };
             match delta.kind.as_deref() {
@@ -273,8 +270,7 @@ fn frames_of(line: &CliLine) -> Vec<Frame> {
                 _ => Vec::new(),
             }
         }
-        Some("assistant") => MessageBody::blocks(message.message)
-            .into_iter()
+        Some("assistant") => blocks()
             .filter(|block| block.is("tool_use"))
             .map(|block| {
                 let name = stream_json::string_literal(block.name).map_or(Field::Str(""), Field::Json);
@@ -282,8 +278,7 @@ fn frames_of(line: &CliLine) -> Vec<Frame> {
                 Frame::new("tool_use", Fields { tool_name: name, tool_input: input, ..Fields::default() }, raw)
             })
             .collect(),
-        Some("user") => MessageBody::blocks(message.message)
-            .into_iter()
+        Some("user") => blocks()
             .filter(|block| block.is("tool_result"))
             .map(|block| {
                 // A string as it is; other content (blocks) as its JSON text.
@@ -676,7 +671,6 @@ mod tests {
     use std::sync::Arc;
 
     use serde_json::json;
-    use shared::Text;
 
     use super::*;
 
@@ -688,8 +682,12 @@ mod tests {
         CliLine::read(Text::from(line)).expect("JSON")
     }
 
+    fn frames_of_line(line: &CliLine) -> Vec<Frame> {
+        frames_of(&line.line, &line.message())
+    }
+
     fn of(message: Value) -> Vec<(&'static str, Value)> {
-        parsed(frames_of(&read(message.to_string())))
+        parsed(frames_of_line(&read(message.to_string())))
     }
 
     #[test]
@@ -748,7 +746,7 @@ mod tests {
         // CR is JSON whitespace but would break the SSE framing.
         let line = "{\"type\":\"stream_event\",\r\"event\":{\"delta\":{\"type\":\"text_delta\",\"text\":\"a\"}}}";
         let message: Value = serde_json::from_str(line).expect("valid JSON");
-        let frames = frames_of(&read(line.to_owned()));
+        let frames = frames_of_line(&read(line.to_owned()));
         let json = frames[0].json.to_text();
         assert!(!json.contains('\r'));
         let frame: Value = serde_json::from_str(&json).expect("JSON");
@@ -759,7 +757,7 @@ mod tests {
     fn a_big_reply_is_shared_with_the_line_not_copied() {
         let text = "x".repeat(100_000);
         let line = read(json!({"type": "result", "result": text, "is_error": false}).to_string());
-        let frames = frames_of(&line);
+        let frames = frames_of_line(&line);
         let buffer = line.line.as_bytes().as_ptr_range();
         let shared: Vec<usize> = frames[0]
             .json
@@ -777,7 +775,7 @@ mod tests {
     fn an_sse_event_is_one_data_line_and_small_pieces_go_in_one_chunk() {
         let line = read(json!({"type": "stream_event", "event": {"delta": {"type": "text_delta",
             "text": "y".repeat(20_000)}}}).to_string());
-        let frame = frames_of(&line).remove(0);
+        let frame = frames_of_line(&line).remove(0);
         let expected = format!("id: 7\ndata: {}\n\n", frame.json.to_text());
         let chunks = sse_event(StreamItem::Frame(Arc::new(chat::StreamFrame { id: 7, data: frame.json, terminal: false })));
         // `id:`+`data:`+the frame's head, the text, the middle, the line, the end.
