@@ -139,7 +139,7 @@ impl App {
         let rate = config.api.requests_per_second_per_user;
         let rate_limiter = crate::ratelimit::UserRateLimiter::new(rate, (rate * 2.0).max(10.0));
         let state = AppState(Arc::new(Services {
-            conversations: crate::chat::Conversations::new(&config.api),
+            conversations: crate::chat::Conversations::new(&config.api, config.sandbox.max_output_line_bytes()),
             config,
             store,
             user_dirs,

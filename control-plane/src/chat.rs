@@ -332,6 +332,10 @@ pub enum StreamItem {
     },
 }
 
+/// How many times `api.stream_buffer_events` frames a connected reader
+/// may have unread (a 100 MB reply is 1,600 deltas of 64 KiB).
+const UNREAD_FRAMES_FACTOR: usize = 64;
+
 /// Frames a stream reader takes from the log at a time.
 const READ_BATCH: usize = 64;
 
@@ -342,12 +346,20 @@ const LAG_GRACE: Duration = Duration::from_secs(2);
 /// Bounds of a session's frame log.
 #[derive(Debug, Clone, Copy)]
 struct LogLimits {
+    /// What is kept for clients that reconnect (`api.stream_buffer_*`).
     frames: usize,
     bytes: usize,
+    /// How far frames a connected reader has not read yet may go beyond
+    /// those bounds before they are dropped anyway (and the reader gets a
+    /// gap, or is cut when it is too slow).
+    unread_frames: usize,
+    unread_bytes: usize,
 }
 
 /// The frames of a session's recent turns, oldest first, bounded in count
-/// and bytes.
+/// and bytes. A frame a connected reader has not read yet stays (up to
+/// the `unread` bounds): a reader that keeps up with the network loses
+/// nothing, even when the CLI writes faster than it reads.
 #[derive(Debug)]
 struct FrameLog {
     frames: VecDeque<Arc<StreamFrame>>,
@@ -361,6 +373,9 @@ struct FrameLog {
     /// The session is gone: readers stop once they have read everything.
     closed: bool,
     limits: LogLimits,
+    /// The id each connected reader reads next, by reader.
+    readers: HashMap<u64, u64>,
+    next_reader: u64,
 }
 
 impl FrameLog {
@@ -369,15 +384,30 @@ impl FrameLog {
         self.next_id += 1;
         self.bytes += data.len();
         self.frames.push_back(Arc::new(StreamFrame { id, data, terminal }));
-        while self.frames.len() > self.limits.frames || (self.bytes > self.limits.bytes && self.frames.len() > 1) {
-            if let Some(old) = self.frames.pop_front() {
-                self.bytes -= old.data.len();
-            }
-        }
+        self.evict();
         if terminal {
             self.turn_start = None;
         }
         id
+    }
+
+    /// Drops the oldest frames beyond the bounds: first those every
+    /// connected reader has read, the unread ones only beyond the `unread`
+    /// bounds. The newest frame always stays.
+    fn evict(&mut self) {
+        let unread_from = self.readers.values().min().copied();
+        while self.frames.len() > 1 && (self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes) {
+            let oldest = self.frames.front().map_or(0, |frame| frame.id);
+            let unread = unread_from.is_some_and(|from| oldest >= from);
+            let beyond =
+                self.frames.len() > self.limits.unread_frames || self.bytes > self.limits.unread_bytes;
+            if unread && !beyond {
+                break;
+            }
+            if let Some(old) = self.frames.pop_front() {
+                self.bytes -= old.data.len();
+            }
+        }
     }
 
     /// Up to [`READ_BATCH`] frames with id ≥ `from`, and where the buffer
@@ -514,29 +544,35 @@ impl Conversation {
     /// before it) gets a [`StreamItem::Gap`] and goes on.
     pub fn frames(self: Arc<Self>, from: u64, follow: bool) -> impl futures::Stream<Item = StreamItem> + Send {
         let receiver = self.published.subscribe();
-        let state = (self, receiver, from, VecDeque::<StreamItem>::new(), false, true, Instant::now());
+        let reader = Reader::new(self, from);
+        let state = (reader, receiver, from, VecDeque::<StreamItem>::new(), false, true, Instant::now());
         futures::stream::unfold(
             state,
-            move |(conversation, mut receiver, mut from, mut pending, mut done, first_read, mut caught_up_at)| async move {
+            move |(reader, mut receiver, mut from, mut pending, mut done, first_read, mut caught_up_at)| async move {
                 loop {
                     if let Some(item) = pending.pop_front() {
-                        return Some((item, (conversation, receiver, from, pending, done, false, caught_up_at)));
+                        return Some((item, (reader, receiver, from, pending, done, false, caught_up_at)));
                     }
                     if done {
                         return None;
                     }
                     receiver.borrow_and_update();
                     let (resumed_at, frames, running, closed) = {
-                        let log = conversation.log();
+                        let mut log = reader.conversation.log();
                         // An id from the future (a client's invention) reads as "now".
                         from = from.min(log.next_id);
                         let (resumed_at, frames) = log.read(from);
+                        // What this reader takes now is read: it no longer
+                        // holds those frames in the log.
+                        let read_up_to = frames.last().map_or(from.max(resumed_at.unwrap_or(0)), |f| f.id + 1);
+                        log.readers.insert(reader.id, read_up_to);
+                        log.evict();
                         (resumed_at, frames, log.turn_start.is_some(), log.closed)
                     };
                     if let Some(resumed_at) = resumed_at {
                         if !first_read && caught_up_at.elapsed() > LAG_GRACE {
                             let lagged = StreamItem::Lagged { last_delivered: from.saturating_sub(1), resumed_at };
-                            return Some((lagged, (conversation, receiver, from, pending, true, false, caught_up_at)));
+                            return Some((lagged, (reader, receiver, from, pending, true, false, caught_up_at)));
                         }
                         pending.push_back(StreamItem::Gap { from, resumed_at });
                         from = resumed_at;
@@ -560,6 +596,34 @@ impl Conversation {
                 }
             },
         )
+    }
+}
+
+/// A connected reader of a session's frames: the frames it has not read
+/// yet stay in the log (up to its `unread` bounds) until it has, or is gone.
+struct Reader {
+    conversation: Arc<Conversation>,
+    id: u64,
+}
+
+impl Reader {
+    fn new(conversation: Arc<Conversation>, from: u64) -> Self {
+        let id = {
+            let mut log = conversation.log();
+            let id = log.next_reader;
+            log.next_reader += 1;
+            log.readers.insert(id, from);
+            id
+        };
+        Self { conversation, id }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let mut log = self.conversation.log();
+        log.readers.remove(&self.id);
+        log.evict();
     }
 }
 
@@ -616,10 +680,21 @@ pub struct Conversations {
 }
 
 impl Conversations {
-    pub fn new(api: &ApiConfig) -> Self {
+    /// `max_line`: the longest CLI line (`sandbox.max_output_line_mb`);
+    /// a connected reader's unread frames may hold two of them (a line's
+    /// text and the line itself, shared), so a reply of any size the
+    /// server takes reaches a reader that keeps up.
+    pub fn new(api: &ApiConfig, max_line: usize) -> Self {
+        let (frames, bytes) = (api.stream_buffer_events.max(1), api.stream_buffer_bytes.max(1));
+        let limits = LogLimits {
+            frames,
+            bytes,
+            unread_frames: frames.saturating_mul(UNREAD_FRAMES_FACTOR),
+            unread_bytes: bytes.max(max_line.saturating_mul(2)),
+        };
         Self {
             sessions: Mutex::new(HashMap::new()),
-            limits: LogLimits { frames: api.stream_buffer_events.max(1), bytes: api.stream_buffer_bytes.max(1) },
+            limits,
             turn_slots: Arc::new(Semaphore::new(api.max_concurrent_requests.max(1) as usize)),
             max_turns: api.max_concurrent_requests.max(1),
             warm_admission: tokio::sync::Mutex::new(()),
@@ -644,6 +719,8 @@ impl Conversations {
                     turn_start: None,
                     closed: false,
                     limits: self.limits,
+                    readers: HashMap::new(),
+                    next_reader: 0,
                 };
                 Arc::new(Conversation {
                     session_id: session.session_id.clone(),
@@ -1027,5 +1104,71 @@ async fn read_turn(
             }
             Err(broadcast::error::RecvError::Closed) => return Err(TurnError::Exited(String::new())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(bytes: usize, unread_bytes: usize) -> FrameLog {
+        let limits = LogLimits { frames: 100, bytes, unread_frames: 1000, unread_bytes };
+        FrameLog {
+            frames: VecDeque::new(),
+            bytes: 0,
+            next_id: 1,
+            turn_start: None,
+            closed: false,
+            limits,
+            readers: HashMap::new(),
+            next_reader: 0,
+        }
+    }
+
+    fn frame(len: usize) -> FrameJson {
+        FrameJson { parts: vec![Bytes::from(vec![b'x'; len])], len }
+    }
+
+    fn ids(log: &FrameLog) -> Vec<u64> {
+        log.frames.iter().map(|f| f.id).collect()
+    }
+
+    #[test]
+    fn without_readers_the_log_keeps_its_replay_bounds() {
+        let mut log = log(100, 1000);
+        for _ in 0..5 {
+            log.push(frame(40), false);
+        }
+        assert_eq!(ids(&log), [4, 5]);
+        // One frame bigger than the bound stays alone.
+        log.push(frame(500), true);
+        assert_eq!(ids(&log), [6]);
+    }
+
+    #[test]
+    fn a_connected_readers_unread_frames_stay_until_read_or_beyond_their_bound() {
+        let mut log = log(100, 1000);
+        log.readers.insert(0, 1);
+        for _ in 0..5 {
+            log.push(frame(40), false);
+        }
+        assert_eq!(ids(&log), [1, 2, 3, 4, 5], "unread frames were dropped");
+        // The reader took frames 1-3: they go, down to the replay bound.
+        log.readers.insert(0, 4);
+        log.evict();
+        assert_eq!(ids(&log), [4, 5]);
+        // A big last frame (a result) stays while the final frame follows it.
+        log.push(frame(600), false);
+        log.push(frame(10), true);
+        assert_eq!(ids(&log), [4, 5, 6, 7]);
+        // Beyond the unread bound the oldest go anyway (the reader gets a gap).
+        log.push(frame(400), false);
+        assert_eq!(ids(&log), [7, 8]);
+        let (resumed_at, _) = log.read(4);
+        assert_eq!(resumed_at, Some(7));
+        // A reader that is gone holds nothing.
+        log.readers.clear();
+        log.evict();
+        assert_eq!(ids(&log), [8]);
     }
 }

@@ -682,7 +682,9 @@ async fn sse_timed_raw(
             // An event ended: its `data:` line's start says its type.
             let data = head.split(|b| *b == b'\n').find_map(|l| l.strip_prefix(b"data: ")).unwrap_or_default();
             let is = |kind: &str| data.starts_with(format!("{{\"type\":\"{kind}\"").as_bytes());
-            if is("error") || is("lagged") {
+            // A `gap` means frames were dropped before this client read
+            // them: the reply did not stream whole.
+            if is("error") || is("lagged") || is("gap") {
                 return Err(Failure::since(started, format!("`{}` event", String::from_utf8_lossy(data))));
             }
             if is("done") {
