@@ -373,8 +373,8 @@ struct FrameLog {
     /// The session is gone: readers stop once they have read everything.
     closed: bool,
     limits: LogLimits,
-    /// The id each connected reader reads next, by reader.
-    readers: HashMap<u64, u64>,
+    /// Where each connected reader is, by reader.
+    readers: HashMap<u64, ReaderPosition>,
     next_reader: u64,
 }
 
@@ -393,9 +393,10 @@ impl FrameLog {
 
     /// Drops the oldest frames beyond the bounds: first those every
     /// connected reader has read, the unread ones only beyond the `unread`
-    /// bounds. The newest frame always stays.
+    /// bounds or when no reader that still makes progress needs them. The
+    /// newest frame always stays.
     fn evict(&mut self) {
-        let unread_from = self.readers.values().min().copied();
+        let unread_from = self.readers.values().filter(|reader| reader.progressing()).map(|reader| reader.next).min();
         while self.frames.len() > 1 && (self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes) {
             let oldest = self.frames.front().map_or(0, |frame| frame.id);
             let unread = unread_from.is_some_and(|from| oldest >= from);
@@ -508,7 +509,7 @@ impl Conversation {
     }
 
     /// Appends a frame and wakes readers.
-    pub fn publish(&self, frame: Frame) -> u64 {
+    pub fn publish(self: &Arc<Self>, frame: Frame) -> u64 {
         let terminal = frame.is_final();
         let (id, next) = {
             let mut log = self.log();
@@ -516,6 +517,16 @@ impl Conversation {
             (id, log.next_id)
         };
         self.published.send_replace(next);
+        if terminal {
+            // A reader stuck behind a client that stopped reading holds its
+            // unread frames only while it takes frames; with no frame to
+            // come, look again once it has had its grace.
+            let conversation = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(LAG_GRACE + Duration::from_millis(100)).await;
+                conversation.log().evict();
+            });
+        }
         id
     }
 
@@ -565,7 +576,7 @@ impl Conversation {
                         // What this reader takes now is read: it no longer
                         // holds those frames in the log.
                         let read_up_to = frames.last().map_or(from.max(resumed_at.unwrap_or(0)), |f| f.id + 1);
-                        log.readers.insert(reader.id, read_up_to);
+                        log.readers.insert(reader.id, ReaderPosition::at(read_up_to));
                         log.evict();
                         (resumed_at, frames, log.turn_start.is_some(), log.closed)
                     };
@@ -599,6 +610,26 @@ impl Conversation {
     }
 }
 
+/// Where a connected reader is: the id it reads next, and when it last
+/// took frames (or found none left). A reader stuck behind a client that
+/// does not read (its socket full) stops taking frames: after
+/// [`LAG_GRACE`] it no longer holds frames in the log.
+#[derive(Debug, Clone, Copy)]
+struct ReaderPosition {
+    next: u64,
+    moved_at: std::time::Instant,
+}
+
+impl ReaderPosition {
+    fn at(next: u64) -> Self {
+        Self { next, moved_at: std::time::Instant::now() }
+    }
+
+    fn progressing(&self) -> bool {
+        self.moved_at.elapsed() <= LAG_GRACE
+    }
+}
+
 /// A connected reader of a session's frames: the frames it has not read
 /// yet stay in the log (up to its `unread` bounds) until it has, or is gone.
 struct Reader {
@@ -612,7 +643,7 @@ impl Reader {
             let mut log = conversation.log();
             let id = log.next_reader;
             log.next_reader += 1;
-            log.readers.insert(id, from);
+            log.readers.insert(id, ReaderPosition::at(from));
             id
         };
         Self { conversation, id }
@@ -1148,13 +1179,13 @@ mod tests {
     #[test]
     fn a_connected_readers_unread_frames_stay_until_read_or_beyond_their_bound() {
         let mut log = log(100, 1000);
-        log.readers.insert(0, 1);
+        log.readers.insert(0, ReaderPosition::at(1));
         for _ in 0..5 {
             log.push(frame(40), false);
         }
         assert_eq!(ids(&log), [1, 2, 3, 4, 5], "unread frames were dropped");
         // The reader took frames 1-3: they go, down to the replay bound.
-        log.readers.insert(0, 4);
+        log.readers.insert(0, ReaderPosition::at(4));
         log.evict();
         assert_eq!(ids(&log), [4, 5]);
         // A big last frame (a result) stays while the final frame follows it.
@@ -1170,5 +1201,16 @@ mod tests {
         log.readers.clear();
         log.evict();
         assert_eq!(ids(&log), [8]);
+    }
+
+    #[test]
+    fn a_reader_that_stopped_taking_frames_holds_none() {
+        let mut log = log(100, 1000);
+        let stuck_since = std::time::Instant::now() - LAG_GRACE - Duration::from_millis(10);
+        log.readers.insert(0, ReaderPosition { next: 1, moved_at: stuck_since });
+        for _ in 0..5 {
+            log.push(frame(40), false);
+        }
+        assert_eq!(ids(&log), [4, 5]);
     }
 }

@@ -142,6 +142,26 @@ async fn frames_dropped_from_a_small_buffer_are_reported_as_a_gap() {
 }
 
 #[tokio::test]
+async fn a_reader_that_keeps_up_gets_every_frame_of_a_reply_far_bigger_than_the_buffer() {
+    // 5 frames kept for reconnects; a 12 MB reply is about 190 deltas of
+    // 64 KiB, which the CLI writes faster than one client reads them. The
+    // frames a connected reader has not read yet stay until it has.
+    const REPLY_BYTES: usize = 12_000_000;
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_API__STREAM_BUFFER_EVENTS", "5")).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let message = format!("mock:reply-bytes {REPLY_BYTES}");
+    let events = read_sse(server.open_stream(&alice, &session, &message).await, |_| false).await;
+    let kinds: Vec<&str> = events.iter().map(SseEvent::kind).filter(|k| *k != "text_delta").collect();
+    assert_eq!(kinds, ["result", "done"], "a frame was lost or the turn failed");
+    let ids: Vec<u64> = events.iter().map(SseEvent::id_number).collect();
+    assert!(ids.windows(2).all(|pair| pair[1] == pair[0] + 1), "in order, without holes");
+    assert_eq!(text_of(&events).len(), REPLY_BYTES);
+    assert_eq!(events[events.len() - 2].data["text"].as_str().map(str::len), Some(REPLY_BYTES));
+}
+
+#[tokio::test]
 async fn history_lists_each_turn_in_order_with_pages() {
     let mock = MockModel::start().await.expect("mock");
     let server = start(&mock, ServerConfig::default()).await;
