@@ -522,7 +522,8 @@ async fn relay_capacity(plan: &Plan, out: &mut String) {
         "The stand-in writes N MB as 64 KiB `text_delta` stream events, then the assistant message and the result \
          (each holding the whole text), like the CLI. Baseline: the stand-in run directly, write a line, read stdout \
          until `result`. The service adds the worker (pipe, framing, socket), the control plane (parsing each line, \
-         building frames) and HTTP.\n\n",
+         building frames) and HTTP. The SSE client reads the stream as bytes and each event's type from its first \
+         key, without holding events; a `gap` (a frame dropped before the client read it) fails the run.\n\n",
     );
     out.push_str(RELAY_TABLE_HEAD);
     let mut verdicts = Vec::new();
