@@ -33,6 +33,9 @@ use crate::workers::supervisor::{ProcessEvent, SupervisorError};
 
 /// How long an interrupted turn may take to deliver its `result`.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// How long a finished turn waits for its streams to take its last frames
+/// before it is stored (see [`Conversation::readers_caught_up`]).
+const RESULT_DELIVERY_WAIT: Duration = Duration::from_millis(500);
 /// How long an evicted or idle CLI gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -430,6 +433,8 @@ pub struct Conversation {
     log: Mutex<FrameLog>,
     /// The next frame id, announced after every push.
     published: watch::Sender<u64>,
+    /// A reader took frames (see [`Conversation::readers_caught_up`]).
+    readers_moved: tokio::sync::Notify,
     last_used: Mutex<std::time::Instant>,
     /// The turn lock's holder is about to let go: a turn that has sent its
     /// final frame, or a CLI being stopped. A new turn waits for it instead
@@ -530,6 +535,30 @@ impl Conversation {
         id
     }
 
+    /// Waits, `within` at most, until every connected reader that still
+    /// makes progress has taken every frame published so far. A turn waits
+    /// so before it is stored: storing a big reply (its text twice, with
+    /// fsync) would otherwise compete with sending the `result` to its
+    /// streams, and `done` follows the store anyway.
+    pub async fn readers_caught_up(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let moved = self.readers_moved.notified();
+            tokio::pin!(moved);
+            // Registered before looking, so a move in between is not missed.
+            moved.as_mut().enable();
+            {
+                let log = self.log();
+                if log.readers.values().filter(|r| r.progressing()).all(|r| r.next >= log.next_id) {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn close(&self) {
         self.log().closed = true;
         self.published.send_modify(|_| {});
@@ -572,14 +601,15 @@ impl Conversation {
                         let mut log = reader.conversation.log();
                         // An id from the future (a client's invention) reads as "now".
                         from = from.min(log.next_id);
-                        let (resumed_at, frames) = log.read(from);
-                        // What this reader takes now is read: it no longer
-                        // holds those frames in the log.
-                        let read_up_to = frames.last().map_or(from.max(resumed_at.unwrap_or(0)), |f| f.id + 1);
-                        log.readers.insert(reader.id, ReaderPosition::at(read_up_to));
+                        // Everything before `from` went to the client (its
+                        // connection asks for more only once it has sent
+                        // what it had): those frames are no longer held for it.
+                        log.readers.insert(reader.id, ReaderPosition::at(from));
                         log.evict();
+                        let (resumed_at, frames) = log.read(from);
                         (resumed_at, frames, log.turn_start.is_some(), log.closed)
                     };
+                    reader.conversation.readers_moved.notify_waiters();
                     if let Some(resumed_at) = resumed_at {
                         if !first_read && caught_up_at.elapsed() > LAG_GRACE {
                             let lagged = StreamItem::Lagged { last_delivered: from.saturating_sub(1), resumed_at };
@@ -759,6 +789,7 @@ impl Conversations {
                     turn: Arc::default(),
                     log: Mutex::new(log),
                     published: watch::Sender::new(start),
+                    readers_moved: tokio::sync::Notify::new(),
                     last_used: Mutex::new(std::time::Instant::now()),
                     releasing: std::sync::atomic::AtomicBool::new(false),
                 })
@@ -1029,6 +1060,9 @@ pub async fn run_turn(
         history.push(NewMessage::json("error", &json!({"type": "error", "error": error.to_string()})));
     }
     state.metrics.turn(result.is_ok());
+    if let Some(conversation) = state.conversations.existing(id) {
+        conversation.readers_caught_up(RESULT_DELIVERY_WAIT).await;
+    }
     let now = crate::store::now();
     let store_started = std::time::Instant::now();
     let usage = result.as_ref().ok().map(TurnOutcome::usage);
