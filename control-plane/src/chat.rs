@@ -20,9 +20,9 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use shared::Text;
-use tokio_util::bytes::Bytes;
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio::time::Instant;
+use tokio_util::bytes::Bytes;
 
 use crate::app::AppState;
 use crate::config::{ApiConfig, Secret};
@@ -403,8 +403,7 @@ impl FrameLog {
         while self.frames.len() > 1 && (self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes) {
             let oldest = self.frames.front().map_or(0, |frame| frame.id);
             let unread = unread_from.is_some_and(|from| oldest >= from);
-            let beyond =
-                self.frames.len() > self.limits.unread_frames || self.bytes > self.limits.unread_bytes;
+            let beyond = self.frames.len() > self.limits.unread_frames || self.bytes > self.limits.unread_bytes;
             if unread && !beyond {
                 break;
             }

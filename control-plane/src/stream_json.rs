@@ -300,7 +300,8 @@ mod tests {
         let user = CliLine::read(Text::from(r#"{"type":"user","message":{"content":"hello"}}"#)).expect("json");
         assert!(matches!(user.message().message, Some(MessageBody { content: Content::Text })));
         // Content that is neither text nor blocks reads as absent, the rest of the line still reads.
-        let odd = CliLine::read(Text::from(r#"{"type":"assistant","message":{"content":[1]},"result":"r"}"#)).expect("json");
+        let odd =
+            CliLine::read(Text::from(r#"{"type":"assistant","message":{"content":[1]},"result":"r"}"#)).expect("json");
         let message = odd.message();
         assert!(odd.is("assistant") && message.message.is_none() && message.result.is_some(), "{message:?}");
         let response = serde_json::to_string(&serde_json::json!({"m": [RawJson(line.line.clone())]})).expect("json");

@@ -277,8 +277,8 @@ pub fn decode_from_worker(body: Bytes) -> Result<FromWorker, FrameError> {
         .position(|b| *b == b'\n')
         .ok_or(FrameError::Malformed("an output frame without its header's end"))?;
     let header: OutputHeader = serde_json::from_slice(&rest[..end])?;
-    let line = Text::try_from(body.slice(end + 2..))
-        .map_err(|_| FrameError::Malformed("an output line that is not UTF-8"))?;
+    let line =
+        Text::try_from(body.slice(end + 2..)).map_err(|_| FrameError::Malformed("an output line that is not UTF-8"))?;
     Ok(FromWorker::Output {
         session_id: header.session_id.into_owned(),
         seq: header.seq,

@@ -9,6 +9,7 @@
 //! tell whether it saw every line.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use shared::Text;
 use shared::protocol::{
     FromWorker, MAX_FRAME_LEN, OUTPUT_PIECE_LEN, OutputStream, ProcessSpec, ToWorker, WorkerConfig,
 };
@@ -23,7 +25,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use shared::Text;
 use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
@@ -297,6 +298,9 @@ async fn relay_until_exit(
     seq: &AtomicU64,
     outbox: &Outbox,
 ) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(stdout) = &child.stdout {
+        widen_pipe(stdout.as_raw_fd());
+    }
     let stdout = child.stdout.take().map(|s| relay(s, OutputStream::Stdout, session_id, seq, outbox));
     let stderr = child.stderr.take().map(|s| relay(s, OutputStream::Stderr, session_id, seq, outbox));
     let relays = async {
@@ -324,8 +328,20 @@ async fn opt(future: Option<impl std::future::Future<Output = ()>>) {
     }
 }
 
-/// How much is read from a CLI's pipe at a time (a pipe holds 64 KiB).
-const READ_CHUNK: usize = 64 * 1024;
+/// How much is read from a CLI's pipe at a time: what its stdout pipe
+/// holds (see [`widen_pipe`]).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Lets a CLI's stdout pipe hold [`READ_CHUNK`] bytes instead of 64 KiB: a
+/// CLI writing a big reply (64 KiB deltas, then lines of megabytes) blocks,
+/// and the worker wakes, far less often. Kept well under what the kernel
+/// lets one uid hold in pipes before it shrinks new ones
+/// (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB: many sessions share a uid
+/// in unprivileged mode). Where it is refused the pipe keeps its size.
+fn widen_pipe(fd: i32) {
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own changes only its capacity.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, READ_CHUNK as libc::c_int) };
+}
 
 /// Sends each line of `reader` as `Output` frames: whole when it fits in
 /// [`OUTPUT_PIECE_LEN`] bytes, else in pieces of at most that many bytes
@@ -383,8 +399,8 @@ async fn relay(
         };
         searched = 0;
         let piece = piece.freeze();
-        let line = Text::try_from(piece.clone())
-            .unwrap_or_else(|_| Text::from(String::from_utf8_lossy(&piece).into_owned()));
+        let line =
+            Text::try_from(piece.clone()).unwrap_or_else(|_| Text::from(String::from_utf8_lossy(&piece).into_owned()));
         let seq = *line_seq.get_or_insert_with(|| seq.fetch_add(1, Ordering::SeqCst));
         line_seq = partial.then_some(seq);
         outbox.send_output(FromWorker::Output { session_id: session_id.to_owned(), seq, stream, line, partial }).await;

@@ -20,10 +20,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use tokio_util::bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use tokio_util::bytes::{Bytes, BytesMut};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody, FieldError};
@@ -32,9 +32,9 @@ use super::sessions::visible_session;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat::{self, Field, Fields, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
+use crate::store::{self, Session, SessionStatus};
 use crate::stream_json::{self, CliLine, CliMessage, MessageBody, RawJson};
 use shared::Text;
-use crate::store::{self, Session, SessionStatus};
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -299,9 +299,11 @@ fn frames_of(line: &Text, message: &CliMessage) -> Vec<Frame> {
                 ("duration_ms", json(message.duration_ms)),
                 ("num_turns", json(message.num_turns)),
             ];
-            let result = Frame::with_extra("result", Fields { text: text(message.result), ..Fields::default() }, raw, &extra);
+            let result =
+                Frame::with_extra("result", Fields { text: text(message.result), ..Fields::default() }, raw, &extra);
             let last = if message.is_error.is_some_and(|is_error| is_error.get() == "true") {
-                let error = stream_json::string_literal(message.result).map_or(Field::Str("the turn failed"), Field::Json);
+                let error =
+                    stream_json::string_literal(message.result).map_or(Field::Str("the turn failed"), Field::Json);
                 Frame::new("error", Fields { error, ..Fields::default() }, raw)
             } else {
                 Frame::new("done", Fields::default(), None)
@@ -773,17 +775,24 @@ mod tests {
 
     #[test]
     fn an_sse_event_is_one_data_line_and_small_pieces_go_in_one_chunk() {
-        let line = read(json!({"type": "stream_event", "event": {"delta": {"type": "text_delta",
-            "text": "y".repeat(20_000)}}}).to_string());
+        let line = read(
+            json!({"type": "stream_event", "event": {"delta": {"type": "text_delta",
+            "text": "y".repeat(20_000)}}})
+            .to_string(),
+        );
         let frame = frames_of_line(&line).remove(0);
         let expected = format!("id: 7\ndata: {}\n\n", frame.json.to_text());
-        let chunks = sse_event(StreamItem::Frame(Arc::new(chat::StreamFrame { id: 7, data: frame.json, terminal: false })));
+        let chunks =
+            sse_event(StreamItem::Frame(Arc::new(chat::StreamFrame { id: 7, data: frame.json, terminal: false })));
         // `id:`+`data:`+the frame's head, the text, the middle, the line, the end.
         assert_eq!(chunks.len(), 5, "{:?}", chunks.iter().map(Bytes::len).collect::<Vec<_>>());
         assert_eq!(chunks.concat(), expected.as_bytes());
         let gap = sse_event(StreamItem::Gap { from: 3, resumed_at: 9 });
         let text = String::from_utf8(gap.concat()).expect("UTF-8");
-        let data: Value = serde_json::from_str(text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).expect("one data line")).expect("JSON");
+        let data: Value = serde_json::from_str(
+            text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).expect("one data line"),
+        )
+        .expect("JSON");
         assert_eq!((&data["type"], &data["resumed_at"]), (&json!("gap"), &json!(9)));
     }
 }

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 
 use super::{
-    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, Role, Session,
-    SessionOptions, SessionStatus, StoreError, StoreResult, StoredMessage, UsageTotals, User,
+    ApiToken, EgressEvent, EgressEventQuery, ModelRequest, ModelRequestQuery, Role, Session, SessionOptions,
+    SessionStatus, StoreError, StoreResult, StoredMessage, UsageTotals, User,
 };
 
 /// How long a token's `last_used_at` may lag: updating it on every request

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use shared::Text;
 use shared::protocol::{
     ConfinementReport, FromWorker, MAX_FRAME_LEN, OutputStream, PROTOCOL_VERSION, ProcessSpec, ToWorker, UserIds,
 };
-use shared::Text;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::bytes::Bytes;
