@@ -521,12 +521,12 @@ impl Conversation {
             (id, log.next_id)
         };
         self.published.send_replace(next);
-        if terminal {
+        if terminal && let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // A reader stuck behind a client that stopped reading holds its
             // unread frames only while it takes frames; with no frame to
             // come, look again once it has had its grace.
             let conversation = self.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 tokio::time::sleep(LAG_GRACE + Duration::from_millis(100)).await;
                 conversation.log().evict();
             });
@@ -1234,6 +1234,53 @@ mod tests {
         log.readers.clear();
         log.evict();
         assert_eq!(ids(&log), [8]);
+    }
+
+    fn conversation() -> Arc<Conversation> {
+        let session = Session {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            subdir: None,
+            cwd: "/x".into(),
+            options: crate::store::SessionOptions::default(),
+            metadata: serde_json::Map::new(),
+            status: crate::store::SessionStatus::Active,
+            created_at: crate::store::now(),
+            last_active_at: crate::store::now(),
+            message_count: 0,
+            cli_session_id: None,
+            usage: UsageTotals::default(),
+        };
+        Conversations::new(&ApiConfig::default(), 1 << 20).get(&session)
+    }
+
+    #[tokio::test]
+    async fn a_turn_waits_until_its_streams_have_sent_what_was_published() {
+        use futures::StreamExt;
+        let conversation = conversation();
+        // No stream: no wait.
+        let started = std::time::Instant::now();
+        conversation.readers_caught_up(Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let mut stream = Box::pin(conversation.clone().frames(conversation.default_start(), true));
+        conversation.publish(Frame::new("text_delta", Fields::default(), None));
+        let waiting = tokio::spawn({
+            let conversation = conversation.clone();
+            async move { conversation.readers_caught_up(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "returned before the stream took the frame");
+        // Taken, then sent: the stream asks for more, which ends the wait.
+        assert!(matches!(stream.next().await, Some(StreamItem::Frame(_))));
+        let _ = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("the wait ended").expect("task");
+
+        // A stream that takes nothing holds a turn for `within` at most.
+        conversation.publish(Frame::new("text_delta", Fields::default(), None));
+        let started = std::time::Instant::now();
+        conversation.readers_caught_up(Duration::from_millis(200)).await;
+        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]
