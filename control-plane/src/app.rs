@@ -76,6 +76,17 @@ impl Services {
         self.conversations.forget(session_id);
         self.model_proxy.revoke_session(session_id);
     }
+
+    /// What this server keeps per user, for a deleted user (after their
+    /// sessions were released): rate-limit bucket, spend and token windows,
+    /// egress list. Without this, each user ever deleted stayed in memory.
+    pub fn forget_user(&self, user_id: &str) {
+        self.rate_limiter.forget(user_id);
+        self.model_proxy.forget_user(user_id);
+        if let Some(egress) = &self.egress {
+            egress.forget_user(user_id);
+        }
+    }
 }
 
 /// Start-up failures, each with the step that failed.

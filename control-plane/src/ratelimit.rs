@@ -39,6 +39,11 @@ impl UserRateLimiter {
             Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
         }
     }
+
+    /// The user is deleted: their bucket goes.
+    pub fn forget(&self, user_id: &str) {
+        self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(user_id);
+    }
 }
 
 #[cfg(test)]
@@ -56,6 +61,17 @@ mod tests {
         // Another user has their own bucket.
         assert!(limiter.check("bob").is_ok());
         std::thread::sleep(Duration::from_millis(120));
+        assert!(limiter.check("alice").is_ok());
+    }
+
+    #[test]
+    fn a_deleted_users_bucket_is_gone() {
+        let limiter = UserRateLimiter::new(0.001, 1.0);
+        assert!(limiter.check("alice").is_ok());
+        assert!(limiter.check("alice").is_err());
+        limiter.forget("alice");
+        assert!(limiter.buckets.lock().expect("lock").is_empty());
+        // A user created again with the id starts with a full bucket.
         assert!(limiter.check("alice").is_ok());
     }
 

@@ -179,6 +179,7 @@ pub async fn delete_user(
     for session_id in sessions {
         state.release_session(&user_id, &session_id, crate::chat::STOP_GRACE).await;
     }
+    state.forget_user(&user_id);
     tracing::info!(user_id = %user_id, by = %principal.user_id, "user deleted");
     Ok(StatusCode::NO_CONTENT)
 }

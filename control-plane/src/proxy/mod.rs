@@ -201,6 +201,17 @@ impl ModelProxy {
         self.lock_grants().retain(|_, grant| grant.session_id != session_id);
     }
 
+    /// The user is deleted: their cached spend and request windows go.
+    pub fn forget_user(&self, user_id: &str) {
+        self.lock_grants().retain(|_, grant| grant.user_id != user_id);
+        if let Ok(mut spend) = self.spend.lock() {
+            spend.remove(user_id);
+        }
+        if let Ok(mut rates) = self.rates.lock() {
+            rates.remove(user_id);
+        }
+    }
+
     fn lock_grants(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Grant>> {
         self.grants.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

@@ -78,6 +78,14 @@ impl Egress {
             lists.insert(user_id.to_owned(), domains);
         }
     }
+
+    /// The user is deleted: their list goes (a user created again with the
+    /// same id loads theirs from the store).
+    pub fn forget_user(&self, user_id: &str) {
+        if let Ok(mut lists) = self.user_domains.write() {
+            lists.remove(user_id);
+        }
+    }
 }
 
 /// Writes one decision to the audit log, in the background.
