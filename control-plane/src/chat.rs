@@ -387,11 +387,27 @@ impl FrameLog {
         self.next_id += 1;
         self.bytes += data.len();
         self.frames.push_back(Arc::new(StreamFrame { id, data, terminal }));
+        // A reader that had read everything was waiting, not stuck: its
+        // grace starts now that there is something to read.
+        for reader in self.readers.values_mut().filter(|reader| reader.next >= id) {
+            reader.moved_at = std::time::Instant::now();
+        }
         self.evict();
         if terminal {
             self.turn_start = None;
         }
         id
+    }
+
+    /// When the last reader that keeps frames beyond the replay bounds
+    /// stops counting as progressing, if one does.
+    fn held_beyond_bounds_until(&self) -> Option<std::time::Instant> {
+        let over = self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes;
+        self.readers
+            .values()
+            .filter(|reader| over && reader.progressing() && reader.next < self.next_id)
+            .map(|reader| reader.moved_at + LAG_GRACE)
+            .max()
     }
 
     /// Drops the oldest frames beyond the bounds: first those every
@@ -524,11 +540,21 @@ impl Conversation {
         if terminal && let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // A reader stuck behind a client that stopped reading holds its
             // unread frames only while it takes frames; with no frame to
-            // come, look again once it has had its grace.
-            let conversation = self.clone();
+            // come, look again when the grace of each reader that holds
+            // some has run out, until none does.
+            let conversation = Arc::downgrade(self);
             runtime.spawn(async move {
-                tokio::time::sleep(LAG_GRACE + Duration::from_millis(100)).await;
-                conversation.log().evict();
+                let mut wait = LAG_GRACE;
+                loop {
+                    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+                    let Some(conversation) = conversation.upgrade() else { return };
+                    let mut log = conversation.log();
+                    log.evict();
+                    match log.held_beyond_bounds_until() {
+                        Some(until) => wait = until.saturating_duration_since(std::time::Instant::now()),
+                        None => return,
+                    }
+                }
             });
         }
         id
@@ -681,9 +707,13 @@ impl Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        let mut log = self.conversation.log();
-        log.readers.remove(&self.id);
-        log.evict();
+        {
+            let mut log = self.conversation.log();
+            log.readers.remove(&self.id);
+            log.evict();
+        }
+        // A turn waiting for its streams no longer waits for this one.
+        self.conversation.readers_moved.notify_waiters();
     }
 }
 
@@ -1284,13 +1314,36 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_that_stopped_taking_frames_holds_none() {
+    fn a_reader_that_was_waiting_keeps_a_burst_and_a_stuck_one_is_looked_at_again() {
         let mut log = log(100, 1000);
-        let stuck_since = std::time::Instant::now() - LAG_GRACE - Duration::from_millis(10);
-        log.readers.insert(0, ReaderPosition { next: 1, moved_at: stuck_since });
+        // Caught up long ago, waiting: a burst after the wait stays for it.
+        let long_ago = std::time::Instant::now() - LAG_GRACE * 2;
+        log.readers.insert(0, ReaderPosition { next: 1, moved_at: long_ago });
         for _ in 0..5 {
             log.push(frame(40), false);
         }
+        assert_eq!(ids(&log), [1, 2, 3, 4, 5]);
+        // It holds frames beyond the bounds until its grace runs out.
+        let until = log.held_beyond_bounds_until().expect("held");
+        assert!(until > std::time::Instant::now() && until <= std::time::Instant::now() + LAG_GRACE);
+        // Once it has read them, nothing is held.
+        log.readers.insert(0, ReaderPosition::at(6));
+        log.evict();
+        assert_eq!(log.held_beyond_bounds_until(), None);
+    }
+
+    #[test]
+    fn a_reader_that_stopped_taking_frames_holds_none() {
+        let mut log = log(100, 1000);
+        // It has not taken frame 1 (its client stopped reading) for longer
+        // than its grace.
+        log.push(frame(40), false);
+        let stuck_since = std::time::Instant::now() - LAG_GRACE - Duration::from_millis(10);
+        log.readers.insert(0, ReaderPosition { next: 1, moved_at: stuck_since });
+        for _ in 0..4 {
+            log.push(frame(40), false);
+        }
         assert_eq!(ids(&log), [4, 5]);
+        assert_eq!(log.held_beyond_bounds_until(), None);
     }
 }

@@ -76,8 +76,15 @@ impl<'a> CliMessage<'a> {
     /// absent key reads in a `Value`; a duplicate key, which the CLI never
     /// writes, leaves it unread); not JSON is an error.
     pub fn parse(line: &'a str) -> Result<Self, serde_json::Error> {
-        let Err(first) = serde_json::from_str::<CliMessage>(line) else {
-            return serde_json::from_str(line);
+        // serde reads a struct from an array too (`["result"]` would read as
+        // a result): only an object is a message.
+        if !line.trim_start().starts_with('{') {
+            serde_json::from_str::<IgnoredAny>(line)?;
+            return Ok(CliMessage::default());
+        }
+        let first = match serde_json::from_str::<CliMessage>(line) {
+            Ok(message) => return Ok(message),
+            Err(error) => error,
         };
         serde_json::from_str::<IgnoredAny>(line)?;
         tracing::trace!(error = %first, "a CLI line read loosely");
@@ -278,7 +285,7 @@ mod tests {
         let line = CliLine::read(Text::from(r#"{"type":"user","type":"assistant"}"#)).expect("json");
         assert_eq!(line.kind, None, "{line:?}");
         // JSON that is no message is read, with no type; not JSON is an error.
-        for other in ["[1,2]", "\"text\"", r#"{"type":7}"#, "{}"] {
+        for other in ["[1,2]", r#"["result"]"#, "\"text\"", r#"{"type":7}"#, "{}"] {
             assert_eq!(CliLine::read(Text::from(other)).expect(other).kind, None, "{other}");
         }
         assert!(CliLine::read(Text::from("{\"type\":")).is_err());

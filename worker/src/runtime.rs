@@ -366,7 +366,9 @@ async fn relay(
     // The seq of the line whose first pieces were sent, if any.
     let mut line_seq = None;
     loop {
-        let newline = memchr::memchr(b'\n', &buffer[searched..]).map(|at| searched + at);
+        // A newline past a piece's length ends a line too long for one piece.
+        let newline =
+            memchr::memchr(b'\n', &buffer[searched..]).map(|at| searched + at).filter(|at| *at <= OUTPUT_PIECE_LEN);
         let (piece, partial) = match newline {
             Some(at) => {
                 let mut line = buffer.split_to(at + 1);
