@@ -192,17 +192,17 @@ impl FrameJson {
 struct FrameWriter<'a> {
     line: Option<&'a Text>,
     parts: Vec<Bytes>,
-    buffer: String,
+    buffer: Vec<u8>,
     len: usize,
 }
 
 impl<'a> FrameWriter<'a> {
     fn new(line: Option<&'a Text>) -> Self {
-        Self { line, parts: Vec::new(), buffer: String::with_capacity(256), len: 0 }
+        Self { line, parts: Vec::new(), buffer: Vec::with_capacity(256), len: 0 }
     }
 
     fn copy(&mut self, text: &str) {
-        self.buffer.push_str(text);
+        self.buffer.extend_from_slice(text.as_bytes());
     }
 
     fn json(&mut self, json: &str) {
@@ -218,9 +218,8 @@ impl<'a> FrameWriter<'a> {
     }
 
     fn string(&mut self, text: &str) {
-        // Escaping a `str` into a `String` cannot fail.
-        let escaped = serde_json::to_string(text).unwrap_or_default();
-        self.copy(&escaped);
+        // Escaping a `str` into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut self.buffer, text);
     }
 
     fn field(&mut self, key: &str, value: Field) {
@@ -236,9 +235,9 @@ impl<'a> FrameWriter<'a> {
 
     fn flush(&mut self) {
         if !self.buffer.is_empty() {
-            let buffer = std::mem::replace(&mut self.buffer, String::with_capacity(256));
+            let buffer = std::mem::replace(&mut self.buffer, Vec::with_capacity(256));
             self.len += buffer.len();
-            self.parts.push(Bytes::from(buffer.into_bytes()));
+            self.parts.push(Bytes::from(buffer));
         }
     }
 
@@ -402,12 +401,19 @@ impl FrameLog {
     /// When the last reader that keeps frames beyond the replay bounds
     /// stops counting as progressing, if one does.
     fn held_beyond_bounds_until(&self) -> Option<std::time::Instant> {
-        let over = self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes;
+        if !self.over_replay_bounds() {
+            return None;
+        }
         self.readers
             .values()
-            .filter(|reader| over && reader.progressing() && reader.next < self.next_id)
+            .filter(|reader| reader.progressing() && reader.next < self.next_id)
             .map(|reader| reader.moved_at + LAG_GRACE)
             .max()
+    }
+
+    /// More frames or bytes than kept for reconnects.
+    fn over_replay_bounds(&self) -> bool {
+        self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes
     }
 
     /// Drops the oldest frames beyond the bounds: first those every
@@ -416,7 +422,7 @@ impl FrameLog {
     /// newest frame always stays.
     fn evict(&mut self) {
         let unread_from = self.readers.values().filter(|reader| reader.progressing()).map(|reader| reader.next).min();
-        while self.frames.len() > 1 && (self.frames.len() > self.limits.frames || self.bytes > self.limits.bytes) {
+        while self.frames.len() > 1 && self.over_replay_bounds() {
             let oldest = self.frames.front().map_or(0, |frame| frame.id);
             let unread = unread_from.is_some_and(|from| oldest >= from);
             let beyond = self.frames.len() > self.limits.unread_frames || self.bytes > self.limits.unread_bytes;
@@ -1138,15 +1144,10 @@ async fn read_turn(
         match event {
             Ok(ProcessEvent::Line { stream: shared::protocol::OutputStream::Stdout, line, .. }) => {
                 let bytes = line.len();
-                // One pass over the line (`CliMessage::parse`): it may hold
-                // a reply of megabytes.
-                let read = stream_json::without_cr(line).and_then(|line| {
-                    let message = CliMessage::parse(&line)?;
-                    let kind = message.kind.as_deref().map(str::to_owned);
-                    if kind.as_deref() != Some("control_response") {
-                        on_message(&line, &message);
+                let read = CliLine::read_with(line, |line, message| {
+                    if message.kind.as_deref() != Some("control_response") {
+                        on_message(line, message);
                     }
-                    Ok(CliLine { kind, line })
                 });
                 let line = match read {
                     Ok(line) => line,

@@ -116,8 +116,17 @@ pub struct CliLine {
 impl CliLine {
     /// Reads one output line; an error when it is not JSON.
     pub fn read(line: Text) -> Result<CliLine, serde_json::Error> {
+        Self::read_with(line, |_, _| {})
+    }
+
+    /// [`CliLine::read`], handing the line and its fields to `inspect`
+    /// while they are parsed: one pass over a line that may hold a reply
+    /// of megabytes.
+    pub fn read_with(line: Text, inspect: impl FnOnce(&Text, &CliMessage)) -> Result<CliLine, serde_json::Error> {
         let line = without_cr(line)?;
-        let kind = CliMessage::parse(&line)?.kind.map(Cow::into_owned);
+        let message = CliMessage::parse(&line)?;
+        inspect(&line, &message);
+        let kind = message.kind.map(Cow::into_owned);
         Ok(CliLine { kind, line })
     }
 
@@ -133,7 +142,7 @@ impl CliLine {
 
 /// The line, or when it holds a CR (JSON whitespace between tokens, which
 /// SSE cannot carry as it is), the line written anew.
-pub fn without_cr(line: Text) -> Result<Text, serde_json::Error> {
+fn without_cr(line: Text) -> Result<Text, serde_json::Error> {
     if memchr::memchr(b'\r', line.as_bytes()).is_none() {
         return Ok(line);
     }

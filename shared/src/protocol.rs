@@ -15,7 +15,7 @@
 //! most [`OUTPUT_PIECE_LEN`] bytes (see [`FromWorker::Output`]), and the
 //! control plane reassembles them up to its own cap. Output frames carry the
 //! line's bytes as they are after a small JSON header, not as a JSON string
-//! (see [`encode_from_worker`]): a CLI line is JSON full of quotes, and
+//! (see [`frame_from_worker`]): a CLI line is JSON full of quotes, and
 //! escaping it on one side and unescaping it on the other cost more than
 //! the rest of the relay.
 
@@ -29,7 +29,7 @@ use crate::Text;
 
 /// Bumped on every incompatible change of the messages below (3: output
 /// lines in pieces, [`FromWorker::Output`]'s `partial`; 4: output frames
-/// carry the line unescaped, [`encode_from_worker`]).
+/// carry the line unescaped, [`frame_from_worker`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts.
@@ -229,19 +229,11 @@ struct OutputHeader<'a> {
     partial: bool,
 }
 
-/// A worker message as a frame body: `Output` as a mark byte, its header
-/// as JSON, a newline, then the line's bytes unescaped; anything else as
-/// JSON.
-pub fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, FrameError> {
-    let (head, line) = frame_from_worker(message)?;
-    let mut body = head[4..].to_vec();
-    body.extend_from_slice(line.as_ref().map_or(&[][..], |line| &line[..]));
-    Ok(body)
-}
-
 /// A worker message as a whole frame, in two parts to write one after the
 /// other: the length prefix with the body's head, then (for `Output`) the
 /// line, written from its own buffer rather than copied behind the head.
+/// The body is `Output` as a mark byte, its header as JSON, a newline,
+/// then the line's bytes unescaped; anything else as JSON.
 pub fn frame_from_worker(message: &FromWorker) -> Result<(Vec<u8>, Option<Bytes>), FrameError> {
     let mut head = vec![0; 4];
     let line = match message {
@@ -265,8 +257,8 @@ pub fn frame_from_worker(message: &FromWorker) -> Result<(Vec<u8>, Option<Bytes>
     Ok((head, line))
 }
 
-/// The inverse of [`encode_from_worker`]. An output line stays in the
-/// frame's buffer (no copy).
+/// A frame's body (after its length prefix) as [`frame_from_worker`]
+/// writes it. An output line stays in the frame's buffer (no copy).
 pub fn decode_from_worker(body: Bytes) -> Result<FromWorker, FrameError> {
     let Some(rest) = body.strip_prefix(&[OUTPUT_FRAME_MARK]) else {
         return Ok(serde_json::from_slice(&body)?);
@@ -329,6 +321,14 @@ pub fn write_frame_blocking<T: Serialize>(writer: &mut impl Write, message: &T) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame's body in one buffer, as the reader sees it.
+    fn encode_from_worker(message: &FromWorker) -> Result<Vec<u8>, FrameError> {
+        let (head, line) = frame_from_worker(message)?;
+        let mut body = head[4..].to_vec();
+        body.extend_from_slice(line.as_ref().map_or(&[][..], |line| &line[..]));
+        Ok(body)
+    }
 
     #[test]
     fn output_frames_carry_the_line_unescaped_and_round_trip() {
