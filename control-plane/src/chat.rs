@@ -56,6 +56,9 @@ pub enum TurnError {
     ServerBusy(u32),
     #[error("{scope} already has {cap} warm CLI processes, all of them in a turn")]
     TooManyWarm { scope: WarmScope, cap: u32 },
+    /// The session was deleted or expired while its CLI was starting.
+    #[error("the session was deleted or expired")]
+    SessionGone,
 }
 
 /// Which cap on warm CLI processes was hit.
@@ -943,6 +946,17 @@ pub async fn start_cli(
             return Err(e.into());
         }
     };
+    // A DELETE (or the expiry reaper) that ran since the caller read the
+    // session stopped whatever CLI was registered then, and this one may
+    // have registered after it: read the status again now that it is. The
+    // store's status changes before a release stops processes, so every
+    // order of the two ends with no CLI for a gone session.
+    if !session_still_active(state, &session.session_id).await {
+        state.model_proxy.revoke(&model.credential);
+        state.release_session(&session.user_id, &session.session_id, STOP_GRACE).await;
+        tracing::info!(session_id = %session.session_id, "session gone while its CLI started; stopped it");
+        return Err(TurnError::SessionGone);
+    }
     // The credential dies with the process.
     let (proxy, mut watch) = (state.model_proxy.clone(), events.resubscribe());
     tokio::spawn(async move {
@@ -968,6 +982,21 @@ pub async fn start_cli(
     }
     state.conversations.get(session).touch();
     Ok(events)
+}
+
+/// Whether the session is still open in the store. A store error counts as
+/// open: the turn then fails or succeeds on its own, and a later DELETE
+/// still stops the CLI.
+async fn session_still_active(state: &AppState, session_id: &str) -> bool {
+    match state.store.get_session(session_id).await {
+        Ok(Some(session)) => session.status == crate::store::SessionStatus::Active,
+        Ok(None) => false,
+        Err(e) => {
+            crate::metrics::store_error(&e);
+            tracing::warn!(session_id, error = %e, "cannot read the session back after starting its CLI");
+            true
+        }
+    }
 }
 
 /// Stops least recently used idle CLIs until one more fits under

@@ -291,6 +291,61 @@ async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
 }
 
 #[tokio::test]
+async fn a_message_waiting_for_a_slot_does_not_restart_the_cli_of_a_session_deleted_meanwhile() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_MAX_CONCURRENT", "1")).await;
+    let alice = server.user_with_token("alice").await;
+    let busy_session = server.session(&alice, json!({})).await;
+    let doomed = server.session(&alice, json!({})).await;
+    let slow = {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), busy_session.clone());
+        tokio::spawn(async move {
+            let body = json!({"session_id": session, "message": "mock:slow 500 10\nmock:reply holding the slot"});
+            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
+        })
+    };
+    assert!(
+        wait_for_model_request(&mock, "holding the slot", Duration::from_secs(30)).await,
+        "the slow turn never reached the model\n{}",
+        server.log()
+    );
+    // This message passes its session check, then waits for the only slot.
+    let waiting = {
+        let (client, url, token, session) =
+            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), doomed.clone());
+        tokio::spawn(async move {
+            let body = json!({"session_id": session, "message": "mock:reply ran on a deleted session", "timeout": 60});
+            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!slow.is_finished(), "the slow turn ended before the session was deleted: the test proves nothing");
+    assert_eq!(server.delete(&format!("/api/v1/sessions/{doomed}"), &alice).await.status, StatusCode::NO_CONTENT);
+    assert!(wait_until_gone(&doomed).await, "DELETE left its CLI");
+    assert_eq!(slow.await.expect("slow").body["text"], "holding the slot");
+    // Once the slot is free, the waiting message finds its session gone:
+    // no CLI started for it, no turn ran.
+    let reply = waiting.await.expect("waiting");
+    reply.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert!(wait_until_gone(&doomed).await, "a CLI runs for the deleted session\n{}", server.log());
+    let asked =
+        mock.message_requests().iter().any(|r| r.last_user_text.as_deref().is_some_and(|t| t.contains("deleted")));
+    assert!(!asked, "the deleted session's message reached the model");
+}
+
+/// Waits (up to 10 s) until no process runs for the session.
+async fn wait_until_gone(session_id: &str) -> bool {
+    for _ in 0..100 {
+        if session_process_pids(session_id).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
 async fn a_queued_message_waits_for_the_running_turn_instead_of_429() {
     let mock = MockModel::start().await.expect("mock");
     let server = start(&mock, ServerConfig::default()).await;

@@ -151,6 +151,7 @@ pub(super) fn turn_error(error: TurnError) -> ApiError {
         TurnError::Timeout(secs) => {
             ApiError::GatewayTimeout(format!("No result within {secs} s; the turn was interrupted"))
         }
+        TurnError::SessionGone => session_gone(),
         TurnError::Sandbox(e) => ApiError::Unavailable { message: e.to_string(), retry_after_secs: 5 },
         e @ TurnError::TooManyWarm { scope: WarmScope::User, .. } => {
             ApiError::TooManyRequests { message: e.to_string(), retry_after_secs: 5 }
