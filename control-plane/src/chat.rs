@@ -84,8 +84,80 @@ pub struct TurnOutcome {
     /// responses, the echo of the user's own message and the partial
     /// `stream_event` deltas left out).
     pub messages: Vec<CliLine>,
-    /// The final `result` message.
-    pub result: CliLine,
+    /// What the API reports of the turn, read while its lines were parsed.
+    pub summary: TurnSummary,
+}
+
+/// The turn's tool calls and its `result`'s fields, taken from the lines'
+/// one parse (a reply of megabytes is in the assistant message and again
+/// in the result: reading them a second time cost a scan of each). Values
+/// kept as JSON text are parts of the CLI's line, not copies.
+#[derive(Debug, Clone, Default)]
+pub struct TurnSummary {
+    /// The result's `result` as its JSON string literal (quotes and
+    /// escapes included); `None` when it is no string.
+    pub text: Option<Text>,
+    pub subtype: Option<String>,
+    pub is_error: bool,
+    pub total_cost_usd: f64,
+    /// The result's `usage` as JSON text.
+    pub usage_json: Option<Text>,
+    pub usage: UsageTotals,
+    pub duration_ms: Option<u64>,
+    pub num_turns: Option<u64>,
+    /// `tool_use` blocks of the assistant's messages: name, input as JSON text.
+    pub tool_calls: Vec<(String, Option<Text>)>,
+}
+
+impl TurnOutcome {
+    /// The outcome of a turn that wrote these lines, read as `read_turn`
+    /// reads them.
+    #[cfg(test)]
+    pub(crate) fn of_lines(lines: &[String]) -> Self {
+        let mut summary = TurnSummary::default();
+        let messages = lines
+            .iter()
+            .map(|line| {
+                CliLine::read_with(Text::from(line.clone()), |line, message| summary.take(line, message)).expect("JSON")
+            })
+            .collect();
+        Self { messages, summary }
+    }
+}
+
+impl TurnSummary {
+    /// Takes what it reports from one of the turn's messages.
+    fn take(&mut self, line: &Text, message: &CliMessage) {
+        let part = |raw: Option<&RawValue>| raw.and_then(|raw| line.part(raw.get()));
+        match message.kind.as_deref() {
+            Some("assistant") => {
+                let blocks = message.message.as_ref().map(stream_json::MessageBody::blocks).unwrap_or_default();
+                self.tool_calls.extend(blocks.iter().filter(|block| block.is("tool_use")).map(|block| {
+                    (stream_json::string(block.name).unwrap_or_default().into_owned(), part(block.input))
+                }));
+            }
+            Some("result") => {
+                let usage: UsageFields = stream_json::view(message.usage).unwrap_or_default();
+                let int = |raw| stream_json::view::<i64>(raw).unwrap_or(0);
+                let total_cost_usd = stream_json::view(message.total_cost_usd).unwrap_or(0.0);
+                self.usage = UsageTotals {
+                    input_tokens: int(usage.input_tokens),
+                    output_tokens: int(usage.output_tokens),
+                    cache_read_tokens: int(usage.cache_read_input_tokens),
+                    cache_creation_tokens: int(usage.cache_creation_input_tokens),
+                    total_cost_usd,
+                };
+                self.text = stream_json::string_literal(message.result).and_then(|literal| line.part(literal));
+                self.subtype = stream_json::string(message.subtype).map(std::borrow::Cow::into_owned);
+                self.is_error = stream_json::view(message.is_error).unwrap_or(false);
+                self.total_cost_usd = total_cost_usd;
+                self.usage_json = part(message.usage);
+                self.duration_ms = stream_json::view(message.duration_ms);
+                self.num_turns = stream_json::view(message.num_turns);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The counters of a `result`'s `usage`.
@@ -99,22 +171,6 @@ struct UsageFields<'a> {
     cache_read_input_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     cache_creation_input_tokens: Option<&'a RawValue>,
-}
-
-impl TurnOutcome {
-    /// The usage and cost of the turn, from the CLI's `result`.
-    pub fn usage(&self) -> UsageTotals {
-        let result = self.result.message();
-        let usage: UsageFields = stream_json::view(result.usage).unwrap_or_default();
-        let int = |raw| stream_json::view::<i64>(raw).unwrap_or(0);
-        UsageTotals {
-            input_tokens: int(usage.input_tokens),
-            output_tokens: int(usage.output_tokens),
-            cache_read_tokens: int(usage.cache_read_input_tokens),
-            cache_creation_tokens: int(usage.cache_creation_input_tokens),
-            total_cost_usd: stream_json::view(result.total_cost_usd).unwrap_or(0.0),
-        }
-    }
 }
 
 /// A user message line in the CLI's stream-json input format. The CLI
@@ -1129,7 +1185,7 @@ pub async fn run_turn(
     }
     let now = crate::store::now();
     let store_started = std::time::Instant::now();
-    let usage = result.as_ref().ok().map(TurnOutcome::usage);
+    let usage = result.as_ref().ok().map(|outcome| outcome.summary.usage);
     if let Err(e) = state.store.store_turn(id, now, &history, usage.as_ref()).await {
         crate::metrics::store_error(&e);
         tracing::warn!(session_id = %id, error = %e, "cannot store the turn");
@@ -1154,6 +1210,7 @@ async fn read_turn(
     let (user, id) = (session.user_id.as_str(), session.session_id.as_str());
     let mut interrupted = false;
     let mut messages = Vec::new();
+    let mut summary = TurnSummary::default();
     loop {
         let event = match tokio::time::timeout_at(*deadline, events.recv()).await {
             Ok(event) => event,
@@ -1176,6 +1233,7 @@ async fn read_turn(
                 let read = CliLine::read_with(line, |line, message| {
                     if message.kind.as_deref() != Some("control_response") {
                         on_message(line, message);
+                        summary.take(line, message);
                     }
                 });
                 let line = match read {
@@ -1206,8 +1264,8 @@ async fn read_turn(
                 if interrupted {
                     return Err(TurnError::Timeout(timeout.as_secs()));
                 }
-                messages.push(line.clone());
-                return Ok(TurnOutcome { messages, result: line });
+                messages.push(line);
+                return Ok(TurnOutcome { messages, summary });
             }
             Ok(ProcessEvent::Line { line, .. }) => tracing::debug!(session_id = %id, %line, "CLI stderr"),
             Ok(ProcessEvent::Exited { code, signal }) => {

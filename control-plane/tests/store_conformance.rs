@@ -2450,3 +2450,35 @@ mod cases {
         assert_eq!(list_events(store, Some("alice"), None, None).await, vec![alice[0].clone()]);
     }
 }
+
+/// SQLite only: what the database's files are left at.
+mod sqlite_file {
+    use super::*;
+
+    #[tokio::test]
+    async fn after_a_huge_turn_the_wal_file_shrinks_back_to_its_limit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("store.db");
+        let store = store::open(&StoreLocation::Sqlite(path.clone())).await.expect("open");
+        create_users(store.as_ref(), &["alice"]).await;
+        create_sessions(store.as_ref(), &[session("s-1", "alice", Utc::now(), SessionStatus::Active)]).await;
+        let wal_size = || std::fs::metadata(dir.path().join("store.db-wal")).map(|m| m.len()).unwrap_or(0);
+        let limit = store::SQLITE_WAL_SIZE_LIMIT;
+        // A reply of 1.5 × the limit, stored twice as the CLI writes it.
+        let big = "x".repeat(usize::try_from(limit).expect("limit") * 3 / 2);
+        let messages = [
+            message("assistant", json!({"type": "assistant", "text": big})),
+            message("result", json!({"type": "result", "result": big})),
+        ];
+        store.store_turn("s-1", Utc::now(), &messages, Some(&UsageTotals::default())).await.expect("big turn");
+        assert!(wal_size() > 2 * limit, "the WAL holds the turn: {} bytes", wal_size());
+        // The big commit checkpointed the WAL; the next write starts it over
+        // and cuts the file back.
+        let small = [message("user", json!({"type": "user", "text": "next"}))];
+        store.store_turn("s-1", Utc::now(), &small, Some(&UsageTotals::default())).await.expect("small turn");
+        assert!(wal_size() <= limit, "the WAL file stayed at {} bytes (limit {limit})", wal_size());
+        let stored = store.list_messages("s-1", 0, 10).await.expect("list");
+        assert_eq!(stored.len(), 3);
+        assert_eq!(stored[1].content["result"].as_str().map(str::len), Some(big.len()));
+    }
+}

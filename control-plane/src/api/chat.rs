@@ -11,7 +11,6 @@
 //! every event has an `id:`, and an unknown or busy session is a 404/429
 //! before the stream starts. A client that goes away does not stop the turn.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -33,7 +32,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat::{self, Field, Fields, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
 use crate::store::{self, Session, SessionStatus};
-use crate::stream_json::{self, CliLine, CliMessage, MessageBody, RawJson};
+use crate::stream_json::{self, CliMessage, MessageBody, RawJson};
 use shared::Text;
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -163,20 +162,6 @@ pub(super) fn turn_error(error: TurnError) -> ApiError {
     }
 }
 
-/// Every `tool_use` block of the turn's assistant messages.
-fn tool_calls(messages: &[CliLine]) -> Vec<ToolCall> {
-    let mut calls = Vec::new();
-    for line in messages.iter().filter(|line| line.is("assistant")) {
-        let message = line.message();
-        let blocks = message.message.as_ref().map(MessageBody::blocks).unwrap_or_default();
-        calls.extend(blocks.iter().filter(|block| block.is("tool_use")).map(|block| ToolCall {
-            tool: stream_json::string(block.name).unwrap_or_default().into_owned(),
-            input: stream_json::view(block.input).unwrap_or(Value::Null),
-        }));
-    }
-    calls
-}
-
 /// Records the turn in the store (count, activity, usage).
 /// Runs a turn whose frames go to the session's log as they come (for the
 /// SSE response and any watcher), recorded before its final frame is sent.
@@ -225,26 +210,116 @@ pub async fn chat(
     State(state): State<AppState>,
     principal: Principal,
     ApiJson(request): ApiJson<ChatRequest>,
-) -> Result<Json<ChatResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let session = chat_session(&state, &principal, &request.session_id).await?;
     let turn = request.begin_turn(&state, &session).await?;
     // A sync turn is streamed to the session's frame log too, so a client can
     // watch it on GET /api/v1/sessions/{id}/stream.
     let outcome = published_turn(&state, &session, turn, &request).await?;
-    let result = outcome.result.message();
-    Ok(Json(ChatResponse {
-        session_id: session.session_id.clone(),
-        text: stream_json::string(result.result).unwrap_or_default().into_owned(),
-        tool_calls: tool_calls(&outcome.messages),
-        timestamp: store::now(),
-        subtype: stream_json::string(result.subtype).map(Cow::into_owned),
-        is_error: stream_json::view(result.is_error).unwrap_or(false),
-        total_cost_usd: stream_json::view(result.total_cost_usd).unwrap_or(0.0),
-        usage: stream_json::view(result.usage).unwrap_or(Value::Null),
-        duration_ms: stream_json::view(result.duration_ms),
-        num_turns: stream_json::view(result.num_turns),
-        messages: outcome.messages.iter().map(|line| RawJson(line.line.clone())).collect(),
-    }))
+    Ok(chat_response(&session.session_id, &outcome))
+}
+
+/// The body of `POST /api/v1/chat` ([`ChatResponse`]), written from the
+/// turn's parts: the CLI's lines, the result's text, tool inputs and usage
+/// go out as the CLI wrote them (parts of its lines, as in the SSE frames).
+/// Serialising the struct re-parsed each line, decoded and re-escaped the
+/// text, and copied all of it into one growing buffer: for a 10 MB reply,
+/// some five scans and four copies of 10 MB.
+fn chat_response(session_id: &str, outcome: &TurnOutcome) -> Response {
+    fn json(chunks: &mut Chunks, value: &impl Serialize) {
+        // Plain values (strings, numbers, times) always serialise.
+        let _ = serde_json::to_writer(chunks.small_writer(), value);
+    }
+    fn raw_or(chunks: &mut Chunks, raw: Option<&Text>, otherwise: &'static [u8]) {
+        match raw {
+            Some(raw) => chunks.shared(raw.as_bytes()),
+            None => chunks.small(otherwise),
+        }
+    }
+    let summary = &outcome.summary;
+    let mut chunks = Chunks::default();
+    chunks.small(b"{\"session_id\":");
+    json(&mut chunks, &session_id);
+    chunks.small(b",\"text\":");
+    raw_or(&mut chunks, summary.text.as_ref(), b"\"\"");
+    chunks.small(b",\"tool_calls\":[");
+    for (index, (tool, input)) in summary.tool_calls.iter().enumerate() {
+        chunks.small(if index == 0 { b"{\"tool\":" } else { b",{\"tool\":" });
+        json(&mut chunks, tool);
+        chunks.small(b",\"input\":");
+        raw_or(&mut chunks, input.as_ref(), b"null");
+        chunks.small(b"}");
+    }
+    chunks.small(b"],\"timestamp\":");
+    json(&mut chunks, &store::now());
+    chunks.small(b",\"subtype\":");
+    json(&mut chunks, &summary.subtype);
+    chunks.small(b",\"is_error\":");
+    json(&mut chunks, &summary.is_error);
+    chunks.small(b",\"total_cost_usd\":");
+    json(&mut chunks, &summary.total_cost_usd);
+    chunks.small(b",\"usage\":");
+    raw_or(&mut chunks, summary.usage_json.as_ref(), b"null");
+    chunks.small(b",\"duration_ms\":");
+    json(&mut chunks, &summary.duration_ms);
+    chunks.small(b",\"num_turns\":");
+    json(&mut chunks, &summary.num_turns);
+    chunks.small(b",\"messages\":[");
+    for (index, message) in outcome.messages.iter().enumerate() {
+        if index > 0 {
+            chunks.small(b",");
+        }
+        chunks.shared(message.line.as_bytes());
+    }
+    chunks.small(b"]}");
+    let chunks = chunks.finish();
+    let length: usize = chunks.iter().map(Bytes::len).sum();
+    let body = futures::stream::iter(chunks.into_iter().map(Ok::<_, Infallible>));
+    let mut response = axum::body::Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("content-length", HeaderValue::from(length));
+    response
+}
+
+/// A response body as a list of chunks: small pieces are joined into one
+/// buffer, big ones (parts of CLI lines) go out as they are, shared.
+#[derive(Default)]
+struct Chunks {
+    chunks: Vec<Bytes>,
+    small: BytesMut,
+}
+
+impl Chunks {
+    /// Below this, a shared piece is copied into its neighbours' chunk
+    /// rather than sent as a chunk of its own.
+    const JOIN_BELOW: usize = 4096;
+
+    fn small(&mut self, bytes: &[u8]) {
+        self.small.extend_from_slice(bytes);
+    }
+
+    fn small_writer(&mut self) -> impl std::io::Write + '_ {
+        tokio_util::bytes::BufMut::writer(&mut self.small)
+    }
+
+    fn shared(&mut self, bytes: &Bytes) {
+        if bytes.len() < Self::JOIN_BELOW {
+            self.small(bytes);
+            return;
+        }
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.split().freeze());
+        }
+        self.chunks.push(bytes.clone());
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.small.is_empty() {
+            self.chunks.push(self.small.freeze());
+        }
+        self.chunks
+    }
 }
 
 /// The frames one CLI message (read from `line`) becomes. Their text and
@@ -400,26 +475,16 @@ fn sse_event(item: StreamItem) -> Vec<Bytes> {
             (None, Frame::with_extra("lagged", fields, None, &extra).json)
         }
     };
-    const JOIN_BELOW: usize = 4096;
-    let mut chunks = Vec::with_capacity(json.parts().len() + 2);
-    let mut small = BytesMut::with_capacity(256);
+    let mut chunks = Chunks::default();
     if let Some(id) = id {
-        small.extend_from_slice(format!("id: {id}\n").as_bytes());
+        chunks.small(format!("id: {id}\n").as_bytes());
     }
-    small.extend_from_slice(b"data: ");
+    chunks.small(b"data: ");
     for part in json.parts() {
-        if part.len() < JOIN_BELOW {
-            small.extend_from_slice(part);
-        } else {
-            if !small.is_empty() {
-                chunks.push(small.split().freeze());
-            }
-            chunks.push(part.clone());
-        }
+        chunks.shared(part);
     }
-    small.extend_from_slice(b"\n\n");
-    chunks.push(small.freeze());
-    chunks
+    chunks.small(b"\n\n");
+    chunks.finish()
 }
 
 /// Query of `GET /api/v1/sessions/{id}/stream`.
@@ -676,6 +741,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::stream_json::CliLine;
 
     fn parsed(frames: Vec<Frame>) -> Vec<(&'static str, Value)> {
         frames.into_iter().map(|f| (f.kind, serde_json::from_str(&f.json.to_text()).expect("frame is JSON"))).collect()
@@ -691,6 +757,49 @@ mod tests {
 
     fn of(message: Value) -> Vec<(&'static str, Value)> {
         parsed(frames_of_line(&read(message.to_string())))
+    }
+
+    #[tokio::test]
+    async fn the_sync_response_holds_the_turn_as_the_cli_wrote_it() {
+        let big = "é \"quoted\"\n".repeat(1000);
+        let assistant = json!({"type": "assistant", "message": {"content": [
+            {"type": "text", "text": big},
+            {"type": "tool_use", "name": "Bash", "input": {"command": "ls", "z": [1, 2]}},
+            {"type": "tool_use", "name": "Read"}]}});
+        let user = json!({"type": "user", "message": {"content": [{"type": "tool_result", "content": "out"}]}});
+        let result = json!({"type": "result", "subtype": "success", "is_error": false, "result": big,
+                            "total_cost_usd": 0.25, "usage": {"input_tokens": 3, "output_tokens": 5},
+                            "duration_ms": 7, "num_turns": 2});
+        let lines: Vec<String> = [&assistant, &user, &result].iter().map(|m| m.to_string()).collect();
+        let outcome = TurnOutcome::of_lines(&lines);
+        assert_eq!(outcome.summary.usage.output_tokens, 5);
+        let response = chat_response("s-1", &outcome);
+        let length = response.headers()["content-length"].to_str().expect("length").parse::<usize>().expect("number");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        assert_eq!(body.len(), length);
+        let mut body: Value = serde_json::from_slice(&body).expect("the body is JSON");
+        let timestamp = body["timestamp"].take();
+        assert!(timestamp.as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok()).is_some(), "{timestamp}");
+        assert_eq!(
+            body,
+            json!({"session_id": "s-1", "text": big,
+                   "tool_calls": [{"tool": "Bash", "input": {"command": "ls", "z": [1, 2]}},
+                                  {"tool": "Read", "input": null}],
+                   "timestamp": null, "subtype": "success", "is_error": false, "total_cost_usd": 0.25,
+                   "usage": {"input_tokens": 3, "output_tokens": 5}, "duration_ms": 7, "num_turns": 2,
+                   "messages": [assistant, user, result]})
+        );
+        // An error result without text or usage.
+        let failed = json!({"type": "result", "subtype": "error_during_execution", "is_error": true});
+        let response = chat_response("s-2", &TurnOutcome::of_lines(&[failed.to_string()]));
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
+        let body: Value = serde_json::from_slice(&body).expect("the body is JSON");
+        assert_eq!((&body["text"], &body["tool_calls"], &body["usage"]), (&json!(""), &json!([]), &Value::Null));
+        assert_eq!(
+            (&body["is_error"], &body["duration_ms"], &body["messages"]),
+            (&json!(true), &Value::Null, &json!([failed]))
+        );
     }
 
     #[test]

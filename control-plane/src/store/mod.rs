@@ -26,6 +26,7 @@ mod sql;
 mod sqlite;
 
 pub use memory::MemoryStore;
+pub use sqlite::WAL_SIZE_LIMIT as SQLITE_WAL_SIZE_LIMIT;
 
 /// Store failures. `Unavailable` means the database could not be reached or
 /// refused the operation (the API answers 503); `Conflict` a unique key.

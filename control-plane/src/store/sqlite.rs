@@ -18,6 +18,9 @@ pub struct SqliteStore {
 
 impl_sql_store!(SqliteStore, sqlx::Sqlite, StorageKind::Sqlite);
 
+/// Bytes the WAL file is cut back to once a checkpoint emptied it.
+pub const WAL_SIZE_LIMIT: u64 = 16 * 1024 * 1024;
+
 pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
@@ -35,6 +38,12 @@ pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
         .map_err(StoreError::from)?
         .filename(path)
         .journal_mode(SqliteJournalMode::Wal)
+        // The WAL file keeps its largest size after a checkpoint: one turn
+        // with a 100 MB reply (stored twice, as the assistant message and
+        // the result) left it at 200 MB for good. Cut back to this instead;
+        // usual turns never grow it that far (checkpoints every 1,000
+        // pages, 4 MB).
+        .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string())
         // FULL: every commit reaches the disk before the API acknowledges it.
         // NORMAL loses the last commits when the OS crashes or the file
         // system aborts (measured: a user created with 201 was gone after
