@@ -1186,9 +1186,14 @@ pub async fn run_turn(
     let now = crate::store::now();
     let store_started = std::time::Instant::now();
     let usage = result.as_ref().ok().map(|outcome| outcome.summary.usage);
-    if let Err(e) = state.store.store_turn(id, now, &history, usage.as_ref()).await {
-        crate::metrics::store_error(&e);
-        tracing::warn!(session_id = %id, error = %e, "cannot store the turn");
+    match state.store.store_turn(id, now, &history, usage.as_ref()).await {
+        Ok(()) => {}
+        // Deleted during the turn: its history went with it.
+        Err(e @ crate::store::StoreError::Gone(_)) => tracing::info!(session_id = %id, error = %e, "turn not stored"),
+        Err(e) => {
+            crate::metrics::store_error(&e);
+            tracing::warn!(session_id = %id, error = %e, "cannot store the turn");
+        }
     }
     tracing::debug!(session_id = %id, micros = store_started.elapsed().as_micros() as u64, "turn stored");
     result

@@ -23,10 +23,10 @@ use crate::store::SessionStatus;
 /// work alike (a static: an API error's conversion has no state).
 static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts a failed store operation; a conflict (the row exists) is an
-/// answer, not a failure.
+/// Counts a failed store operation; a conflict (the row exists) or a gone
+/// row (a session deleted during its turn) is an answer, not a failure.
 pub fn store_error(error: &crate::store::StoreError) {
-    if !matches!(error, crate::store::StoreError::Conflict(_)) {
+    if !matches!(error, crate::store::StoreError::Conflict(_) | crate::store::StoreError::Gone(_)) {
         STORE_ERRORS.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -1214,12 +1214,13 @@ mod cases {
         assert_eq!(store.list_messages("s-1", 2, 10).await.expect("list").len(), 1);
         store.set_session_status("s-1", SessionStatus::Deleted, at).await.expect("delete");
         assert_eq!(store.list_messages("s-1", 0, 10).await.expect("list").len(), 0, "deleting purges the history");
+        // Refused as gone (the server logs it; no store failure is counted).
         assert!(
-            store.store_turn("s-1", at, &messages, Some(&turn)).await.is_err(),
+            matches!(store.store_turn("s-1", at, &messages, Some(&turn)).await, Err(StoreError::Gone(_))),
             "stored a turn of a deleted session"
         );
         assert!(
-            store.store_turn("unknown", at, &[], Some(&turn)).await.is_err(),
+            matches!(store.store_turn("unknown", at, &[], Some(&turn)).await, Err(StoreError::Gone(_))),
             "stored a turn of an unknown session"
         );
         assert_eq!(get_session(store, "s-1").await.message_count, 4, "a refused turn changed the session");
@@ -1569,8 +1570,8 @@ mod cases {
         let batch = [message("user", json!("lost"))];
         for id in ["unknown", "s-dead", ""] {
             match store.store_turn(id, t, &batch, None).await {
-                Err(StoreError::Internal(_)) => {}
-                other => panic!("append to {id:?}: expected StoreError::Internal, got {other:?}"),
+                Err(StoreError::Gone(_)) => {}
+                other => panic!("append to {id:?}: expected StoreError::Gone, got {other:?}"),
             }
             assert!(history(store, id).await.is_empty(), "{id:?}: a failed append left messages");
         }

@@ -369,6 +369,13 @@ impl TestServer {
         Reply::from(self.request(Method::POST, path, Some(token)).json(&body).send().await).await
     }
 
+    /// Sends `POST /api/v1/chat` with `body` in the background: a turn the
+    /// test acts on while it runs.
+    pub fn spawn_chat(&self, token: &str, body: Value) -> tokio::task::JoinHandle<Reply> {
+        let request = self.request(Method::POST, "/api/v1/chat", Some(token)).json(&body);
+        tokio::spawn(async move { Reply::from(request.send().await).await })
+    }
+
     /// Creates `user_id` (as admin) and returns a fresh token for it.
     /// A sync chat turn (`timeout` 120 s); a request that hangs fails the
     /// test with the server's log rather than the HTTP client's bare timeout.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::{Reply, ServerConfig, TestServer, read_sse, wait_for_model_request};
+use integration_tests::{ServerConfig, TestServer, read_sse, wait_for_model_request};
 use mock_model::{MockModel, MockServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -128,14 +128,7 @@ async fn a_second_turn_while_one_runs_is_429_and_interrupt_ends_it() {
     let server = server_with_cli(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let slow = {
-        let (client, url, token, session) =
-            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), session.clone());
-        tokio::spawn(async move {
-            let body = json!({"session_id": session, "message": "mock:slow 500 40\nmock:reply a long slow answer that takes twenty seconds to stream out"});
-            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
-        })
-    };
+    let slow = server.spawn_chat(&alice, json!({"session_id": session, "message": "mock:slow 500 40\nmock:reply a long slow answer that takes twenty seconds to stream out"}));
     // Wait until the model is really streaming the slow reply (the CLI may
     // still be starting on a loaded machine).
     let streaming = wait_for_model_request(&mock, "mock:slow 500 40", Duration::from_secs(30)).await;

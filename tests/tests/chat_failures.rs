@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    Backend, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids, wait_for_model_request,
+    Backend, Reply, ServerConfig, SseEvent, TestServer, read_sse, session_process_pids, wait_for_model_request,
 };
 use mock_model::{MockModel, MockServer};
 use reqwest::StatusCode;
@@ -726,6 +726,26 @@ async fn deleting_a_session_kills_its_cli() {
     assert!(is_alive(others[0]), "the other session's CLI died too");
     let still = server.chat(&alice, &other, "mock:reply still here").await;
     assert_eq!(still.body["text"], "still here", "{still:?}");
+}
+
+#[tokio::test]
+async fn a_session_deleted_during_its_turn_ends_the_turn_without_a_store_failure() {
+    let mock = MockModel::start().await.expect("mock");
+    let server = server_with_cli(&mock, ServerConfig::default()).await;
+    let alice = server.user_with_token("alice").await;
+    let session = server.session(&alice, json!({})).await;
+    let turn =
+        server.spawn_chat(&alice, json!({"session_id": session, "message": "mock:slow 300 20\nmock:reply cut short"}));
+    assert!(wait_for_model_request(&mock, "cut short", Duration::from_secs(30)).await, "{}", server.log());
+    let deleted = server.delete(&format!("/api/v1/sessions/{session}"), &alice).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{deleted:?}");
+    let reply = turn.await.expect("turn");
+    assert!(reply.status.is_client_error() || reply.status.is_server_error(), "{reply:?}");
+    // The turn's history had nowhere to go: that is no failure of the store.
+    let metrics = Reply::from(server.request(reqwest::Method::GET, "/metrics", None).send().await).await;
+    let errors = metrics.text.lines().find_map(|l| l.strip_prefix("cah_store_errors_total ")).unwrap_or("0");
+    assert_eq!(errors, "0", "{}\n{}", metrics.text, server.log());
+    assert!(server.log().contains("turn not stored"), "{}", server.log());
 }
 
 /// A stand-in CLI that breaks the stream-json protocol on demand: a user

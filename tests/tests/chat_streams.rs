@@ -94,14 +94,7 @@ async fn a_watcher_without_last_event_id_sees_a_running_sync_turn_from_its_start
     let server = start(&mock, ServerConfig::default()).await;
     let alice = server.user_with_token("alice").await;
     let session = server.session(&alice, json!({})).await;
-    let turn = {
-        let (client, url, token, session) =
-            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), session.clone());
-        tokio::spawn(async move {
-            let body = json!({"session_id": session, "message": SLOW});
-            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
-        })
-    };
+    let turn = server.spawn_chat(&alice, json!({"session_id": session, "message": SLOW}));
     // Let the turn start streaming, then attach.
     let reached = wait_for_model_request(&mock, SLOW_TEXT, Duration::from_secs(30)).await;
     assert!(reached, "the turn never reached the model\n{}", server.log());
@@ -269,14 +262,10 @@ async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
     let alice = server.user_with_token("alice").await;
     let busy_session = server.session(&alice, json!({})).await;
     let other = server.session(&alice, json!({})).await;
-    let slow = {
-        let (client, url, token, session) =
-            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), busy_session.clone());
-        tokio::spawn(async move {
-            let body = json!({"session_id": session, "message": "mock:slow 500 12\nmock:reply one slot only here"});
-            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
-        })
-    };
+    let slow = server.spawn_chat(
+        &alice,
+        json!({"session_id": busy_session, "message": "mock:slow 500 12\nmock:reply one slot only here"}),
+    );
     let reached = wait_for_model_request(&mock, "one slot", Duration::from_secs(30)).await;
     assert!(reached, "the slow turn never reached the model\n{}", server.log());
     // A turn that cannot get the slot within its timeout: 503.
@@ -297,28 +286,20 @@ async fn a_message_waiting_for_a_slot_does_not_restart_the_cli_of_a_session_dele
     let alice = server.user_with_token("alice").await;
     let busy_session = server.session(&alice, json!({})).await;
     let doomed = server.session(&alice, json!({})).await;
-    let slow = {
-        let (client, url, token, session) =
-            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), busy_session.clone());
-        tokio::spawn(async move {
-            let body = json!({"session_id": session, "message": "mock:slow 500 10\nmock:reply holding the slot"});
-            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
-        })
-    };
+    let slow = server.spawn_chat(
+        &alice,
+        json!({"session_id": busy_session, "message": "mock:slow 500 10\nmock:reply holding the slot"}),
+    );
     assert!(
         wait_for_model_request(&mock, "holding the slot", Duration::from_secs(30)).await,
         "the slow turn never reached the model\n{}",
         server.log()
     );
     // This message passes its session check, then waits for the only slot.
-    let waiting = {
-        let (client, url, token, session) =
-            (server.client.clone(), server.url("/api/v1/chat"), alice.clone(), doomed.clone());
-        tokio::spawn(async move {
-            let body = json!({"session_id": session, "message": "mock:reply ran on a deleted session", "timeout": 60});
-            Reply::from(client.post(url).bearer_auth(token).json(&body).send().await).await
-        })
-    };
+    let waiting = server.spawn_chat(
+        &alice,
+        json!({"session_id": doomed, "message": "mock:reply ran on a deleted session", "timeout": 60}),
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!slow.is_finished(), "the slow turn ended before the session was deleted: the test proves nothing");
     assert_eq!(server.delete(&format!("/api/v1/sessions/{doomed}"), &alice).await.status, StatusCode::NO_CONTENT);

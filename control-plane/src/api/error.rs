@@ -208,6 +208,7 @@ impl From<StoreError> for ApiError {
                 Self::Unavailable { message: "Storage is unavailable, try again later".into(), retry_after_secs: 5 }
             }
             StoreError::Internal(message) => Self::Internal(message),
+            StoreError::Gone(message) => Self::NotFound(message),
         }
     }
 }

@@ -29,7 +29,8 @@ pub use memory::MemoryStore;
 pub use sqlite::WAL_SIZE_LIMIT as SQLITE_WAL_SIZE_LIMIT;
 
 /// Store failures. `Unavailable` means the database could not be reached or
-/// refused the operation (the API answers 503); `Conflict` a unique key.
+/// refused the operation (the API answers 503); `Conflict` a unique key;
+/// `Gone` a row the write needed no longer there.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} already exists")]
@@ -38,6 +39,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("storage error: {0}")]
     Internal(String),
+    /// What the write was for is gone (a turn's session deleted meanwhile):
+    /// not a fault of the store.
+    #[error("{0}")]
+    Gone(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -543,7 +548,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// The error for appending to a session that is absent or deleted.
 fn no_session_for_turn(session_id: &str) -> StoreError {
-    StoreError::Internal(format!("cannot store a turn: session {session_id} does not exist or is deleted"))
+    StoreError::Gone(format!("cannot store a turn: session {session_id} does not exist or is deleted"))
 }
 
 /// Opens the configured store and applies its migrations.
