@@ -29,6 +29,62 @@ struct Layers {
     landlock: bool,
     seccomp: bool,
     uid: bool,
+    cgroup: bool,
+}
+
+/// The hierarchies a worker joins, as the server's cgroup layer uses them:
+/// cgroup v2's unified one, or v1's memory, pids, cpu and freezer. Each run
+/// gets fresh cgroups beneath a directory of this program's own (a fresh
+/// user's worker joins cgroups made for it), removed after the worker exits.
+struct BenchCgroups {
+    parents: Vec<PathBuf>,
+}
+
+impl BenchCgroups {
+    fn new() -> Option<Self> {
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let hierarchies: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+            vec![root]
+        } else {
+            ["memory", "pids", "cpu", "freezer"]
+                .iter()
+                .map(|h| root.join(h))
+                .filter(|h| h.join("cgroup.procs").exists())
+                .collect()
+        };
+        let name = format!("cah-worker-startup-{}", std::process::id());
+        let parents: Vec<PathBuf> = hierarchies.iter().map(|h| h.join(&name)).collect();
+        for parent in &parents {
+            std::fs::create_dir(parent).ok()?;
+        }
+        (!parents.is_empty()).then_some(Self { parents })
+    }
+
+    /// `cgroup.procs` of fresh cgroups for run `run`.
+    fn fresh(&self, run: usize) -> Vec<PathBuf> {
+        self.parents
+            .iter()
+            .map(|parent| {
+                let dir = parent.join(format!("w{run}"));
+                std::fs::create_dir(&dir).expect("create a cgroup");
+                dir.join("cgroup.procs")
+            })
+            .collect()
+    }
+
+    fn remove(&self, run: usize) {
+        for parent in &self.parents {
+            let _ = std::fs::remove_dir(parent.join(format!("w{run}")));
+        }
+    }
+}
+
+impl Drop for BenchCgroups {
+    fn drop(&mut self) {
+        for parent in &self.parents {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
 }
 
 #[allow(clippy::print_stdout)]
@@ -39,19 +95,26 @@ fn main() {
     let user_dir = dir.path().join("user");
     std::fs::create_dir(&user_dir).expect("user dir");
     let uid = 250_000;
+    let cgroups = BenchCgroups::new();
     let sets = [
-        Layers { name: "none", landlock: false, seccomp: false, uid: false },
-        Layers { name: "landlock", landlock: true, seccomp: false, uid: false },
-        Layers { name: "seccomp", landlock: false, seccomp: true, uid: false },
-        Layers { name: "uid drop", landlock: false, seccomp: false, uid: true },
-        Layers { name: "all", landlock: true, seccomp: true, uid: true },
+        Layers { name: "none", landlock: false, seccomp: false, uid: false, cgroup: false },
+        Layers { name: "landlock", landlock: true, seccomp: false, uid: false, cgroup: false },
+        Layers { name: "seccomp", landlock: false, seccomp: true, uid: false, cgroup: false },
+        Layers { name: "uid drop", landlock: false, seccomp: false, uid: true, cgroup: false },
+        Layers { name: "cgroup join", landlock: false, seccomp: false, uid: false, cgroup: true },
+        Layers { name: "all but the cgroup", landlock: true, seccomp: true, uid: true, cgroup: false },
+        Layers { name: "all", landlock: true, seccomp: true, uid: true, cgroup: true },
     ];
     println!("| layers | confinement p50 (µs) | p90 | spawn→ready p50 (µs) | p90 | RSS ready (KiB) |");
     println!("|---|---|---|---|---|---|");
     for layers in sets {
+        if layers.cgroup && cgroups.is_none() {
+            println!("| {} | no cgroup hierarchy could be made here | | | | |", layers.name);
+            continue;
+        }
         let owner = if layers.uid { uid } else { 0 };
         std::os::unix::fs::chown(&user_dir, Some(owner), Some(owner)).expect("chown");
-        let config = WorkerConfig {
+        let mut config = WorkerConfig {
             user_id: "bench".into(),
             user_dir: user_dir.clone(),
             parent_pid: std::process::id(),
@@ -67,10 +130,13 @@ fn main() {
             seccomp: SeccompConfig { enabled: layers.seccomp, deny_udp: false, allow_unix_sockets: false },
             rlimits: Rlimits { nofile: 4096, fsize: 1 << 30, data: 2 << 30, nproc: None },
             cgroup_procs: Vec::new(),
-            best_effort: BestEffort { cgroup: true, ..BestEffort::default() },
+            best_effort: BestEffort { cgroup: !layers.cgroup, ..BestEffort::default() },
         };
         let (mut setup, mut ready, mut rss) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..runs {
+        for run in 0..runs {
+            if let (true, Some(cgroups)) = (layers.cgroup, &cgroups) {
+                config.cgroup_procs = cgroups.fresh(run);
+            }
             let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
             let fd = theirs.as_raw_fd();
             let started = Instant::now();
@@ -107,6 +173,9 @@ fn main() {
             rss.push(kib);
             write_frame_blocking(&mut ours, &ToWorker::Shutdown).expect("shutdown");
             child.wait().expect("wait");
+            if let (true, Some(cgroups)) = (layers.cgroup, &cgroups) {
+                cgroups.remove(run);
+            }
         }
         println!(
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
