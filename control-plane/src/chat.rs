@@ -1002,11 +1002,15 @@ pub async fn start_cli(
             return Err(e.into());
         }
     };
+    // The session's entry exists before the re-check below, so a release
+    // for a gone session removes it too (made after, it would outlive it).
+    state.conversations.get(session).touch();
     // A DELETE (or the expiry reaper) that ran since the caller read the
     // session stopped whatever CLI was registered then, and this one may
     // have registered after it: read the status again now that it is. The
-    // store's status changes before a release stops processes, so every
-    // order of the two ends with no CLI for a gone session.
+    // store's status changes before a release stops processes and drops
+    // the session's entry, so every order of the two ends with neither for
+    // a gone session.
     if !session_still_active(state, &session.session_id).await {
         state.model_proxy.revoke(&model.credential);
         state.release_session(&session.user_id, &session.session_id, STOP_GRACE).await;
@@ -1036,7 +1040,6 @@ pub async fn start_cli(
         let summary = control_request_with(json!({"subtype": "get_context_usage", "detail": "summary"}));
         state.supervisor.write_stdin(&session.user_id, &session.session_id, summary).await;
     }
-    state.conversations.get(session).touch();
     Ok(events)
 }
 
@@ -1187,7 +1190,9 @@ pub async fn run_turn(
     let store_started = std::time::Instant::now();
     let usage = result.as_ref().ok().map(|outcome| outcome.summary.usage);
     match state.store.store_turn(id, now, &history, usage.as_ref()).await {
-        Ok(()) => {}
+        Ok(()) => {
+            tracing::debug!(session_id = %id, micros = store_started.elapsed().as_micros() as u64, "turn stored");
+        }
         // Deleted during the turn: its history went with it.
         Err(e @ crate::store::StoreError::Gone(_)) => tracing::info!(session_id = %id, error = %e, "turn not stored"),
         Err(e) => {
@@ -1195,7 +1200,6 @@ pub async fn run_turn(
             tracing::warn!(session_id = %id, error = %e, "cannot store the turn");
         }
     }
-    tracing::debug!(session_id = %id, micros = store_started.elapsed().as_micros() as u64, "turn stored");
     result
 }
 

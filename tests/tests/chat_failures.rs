@@ -743,8 +743,9 @@ async fn a_session_deleted_during_its_turn_ends_the_turn_without_a_store_failure
     assert!(reply.status.is_client_error() || reply.status.is_server_error(), "{reply:?}");
     // The turn's history had nowhere to go: that is no failure of the store.
     let metrics = Reply::from(server.request(reqwest::Method::GET, "/metrics", None).send().await).await;
-    let errors = metrics.text.lines().find_map(|l| l.strip_prefix("cah_store_errors_total ")).unwrap_or("0");
-    assert_eq!(errors, "0", "{}\n{}", metrics.text, server.log());
+    assert_eq!(metrics.status, StatusCode::OK, "{metrics:?}");
+    let errors = metrics.text.lines().find_map(|l| l.strip_prefix("cah_store_errors_total "));
+    assert_eq!(errors, Some("0"), "{}\n{}", metrics.text, server.log());
     assert!(server.log().contains("turn not stored"), "{}", server.log());
 }
 

@@ -303,10 +303,14 @@ async fn a_message_waiting_for_a_slot_does_not_restart_the_cli_of_a_session_dele
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!slow.is_finished(), "the slow turn ended before the session was deleted: the test proves nothing");
     assert_eq!(server.delete(&format!("/api/v1/sessions/{doomed}"), &alice).await.status, StatusCode::NO_CONTENT);
+    // Had the message not passed its session check before the DELETE, it
+    // would have its 404 by now: still waiting means it did.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the message did not wait for the slot: the test proves nothing");
     assert!(wait_until_gone(&doomed).await, "DELETE left its CLI");
     assert_eq!(slow.await.expect("slow").body["text"], "holding the slot");
     // Once the slot is free, the waiting message finds its session gone:
-    // no CLI started for it, no turn ran.
+    // the CLI it started is stopped again, its message never sent.
     let reply = waiting.await.expect("waiting");
     reply.assert_error(StatusCode::NOT_FOUND, "not_found");
     assert!(wait_until_gone(&doomed).await, "a CLI runs for the deleted session\n{}", server.log());

@@ -53,11 +53,13 @@ impl BenchCgroups {
                 .collect()
         };
         let name = format!("cah-worker-startup-{}", std::process::id());
-        let parents: Vec<PathBuf> = hierarchies.iter().map(|h| h.join(&name)).collect();
-        for parent in &parents {
-            std::fs::create_dir(parent).ok()?;
+        let mut made = Self { parents: Vec::new() };
+        for parent in hierarchies.iter().map(|h| h.join(&name)) {
+            // On failure, `made` removes the ones made so far.
+            std::fs::create_dir(&parent).ok()?;
+            made.parents.push(parent);
         }
-        (!parents.is_empty()).then_some(Self { parents })
+        (!made.parents.is_empty()).then_some(made)
     }
 
     /// `cgroup.procs` of fresh cgroups for run `run`.
