@@ -99,9 +99,9 @@ pub struct TurnSummary {
     pub text: Option<Text>,
     pub subtype: Option<String>,
     pub is_error: bool,
-    pub total_cost_usd: f64,
     /// The result's `usage` as JSON text.
     pub usage_json: Option<Text>,
+    /// Its counters, and the result's `total_cost_usd`.
     pub usage: UsageTotals,
     pub duration_ms: Option<u64>,
     pub num_turns: Option<u64>,
@@ -139,18 +139,16 @@ impl TurnSummary {
             Some("result") => {
                 let usage: UsageFields = stream_json::view(message.usage).unwrap_or_default();
                 let int = |raw| stream_json::view::<i64>(raw).unwrap_or(0);
-                let total_cost_usd = stream_json::view(message.total_cost_usd).unwrap_or(0.0);
                 self.usage = UsageTotals {
                     input_tokens: int(usage.input_tokens),
                     output_tokens: int(usage.output_tokens),
                     cache_read_tokens: int(usage.cache_read_input_tokens),
                     cache_creation_tokens: int(usage.cache_creation_input_tokens),
-                    total_cost_usd,
+                    total_cost_usd: stream_json::view(message.total_cost_usd).unwrap_or(0.0),
                 };
                 self.text = stream_json::string_literal(message.result).and_then(|literal| line.part(literal));
                 self.subtype = stream_json::string(message.subtype).map(std::borrow::Cow::into_owned);
                 self.is_error = stream_json::view(message.is_error).unwrap_or(false);
-                self.total_cost_usd = total_cost_usd;
                 self.usage_json = part(message.usage);
                 self.duration_ms = stream_json::view(message.duration_ms);
                 self.num_turns = stream_json::view(message.num_turns);
@@ -1364,21 +1362,7 @@ mod tests {
     }
 
     fn conversation() -> Arc<Conversation> {
-        let session = Session {
-            session_id: "s".into(),
-            user_id: "u".into(),
-            subdir: None,
-            cwd: "/x".into(),
-            options: crate::store::SessionOptions::default(),
-            metadata: serde_json::Map::new(),
-            status: crate::store::SessionStatus::Active,
-            created_at: crate::store::now(),
-            last_active_at: crate::store::now(),
-            message_count: 0,
-            cli_session_id: None,
-            usage: UsageTotals::default(),
-        };
-        Conversations::new(&ApiConfig::default(), 1 << 20).get(&session)
+        Conversations::new(&ApiConfig::default(), 1 << 20).get(&Session::for_test("s", "u"))
     }
 
     #[tokio::test]

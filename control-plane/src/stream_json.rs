@@ -9,8 +9,8 @@
 
 use std::borrow::Cow;
 
+use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use shared::Text;
@@ -260,17 +260,6 @@ impl Block<'_> {
     }
 }
 
-/// JSON text (a CLI line) written into a response as it is.
-#[derive(Debug, Clone)]
-pub struct RawJson(pub Text);
-
-impl Serialize for RawJson {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
-        raw.serialize(serializer)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,7 +309,5 @@ mod tests {
             CliLine::read(Text::from(r#"{"type":"assistant","message":{"content":[1]},"result":"r"}"#)).expect("json");
         let message = odd.message();
         assert!(odd.is("assistant") && message.message.is_none() && message.result.is_some(), "{message:?}");
-        let response = serde_json::to_string(&serde_json::json!({"m": [RawJson(line.line.clone())]})).expect("json");
-        assert!(response.contains(r#"{"command":"ls"}"#), "{response}");
     }
 }

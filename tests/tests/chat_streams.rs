@@ -255,19 +255,34 @@ async fn the_least_recently_used_warm_cli_makes_room_for_a_new_one() {
     assert_eq!(server.chat(&bob, &bobs, "hi").await.status, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
+/// A server with one chat slot, held by a slow turn of alice's that has
+/// reached the model, and a second session of alice's.
+struct SlotHeld {
+    mock: MockServer,
+    server: TestServer,
+    alice: String,
+    other: String,
+    slow: tokio::task::JoinHandle<Reply>,
+}
+
+/// [`SlotHeld`], the slow turn answering `reply` in 500 ms chunks.
+async fn one_slot_held(chunks: u32, reply: &str) -> SlotHeld {
     let mock = MockModel::start().await.expect("mock");
     let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_MAX_CONCURRENT", "1")).await;
     let alice = server.user_with_token("alice").await;
     let busy_session = server.session(&alice, json!({})).await;
     let other = server.session(&alice, json!({})).await;
-    let slow = server.spawn_chat(
-        &alice,
-        json!({"session_id": busy_session, "message": "mock:slow 500 12\nmock:reply one slot only here"}),
-    );
-    let reached = wait_for_model_request(&mock, "one slot", Duration::from_secs(30)).await;
+    let message = format!("mock:slow 500 {chunks}\nmock:reply {reply}");
+    let slow = server.spawn_chat(&alice, json!({"session_id": busy_session, "message": message}));
+    let reached = wait_for_model_request(&mock, reply, Duration::from_secs(30)).await;
     assert!(reached, "the slow turn never reached the model\n{}", server.log());
+    SlotHeld { mock, server, alice, other, slow }
+}
+
+#[tokio::test]
+async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
+    // The mock must live as long as the server's CLIs talk to it.
+    let SlotHeld { mock: _mock, server, alice, other, slow } = one_slot_held(12, "one slot only here").await;
     // A turn that cannot get the slot within its timeout: 503.
     let refused =
         server.post("/api/v1/chat", &alice, json!({"session_id": other, "message": "hi", "timeout": 1})).await;
@@ -281,20 +296,7 @@ async fn turns_beyond_max_concurrent_requests_wait_for_a_slot() {
 
 #[tokio::test]
 async fn a_message_waiting_for_a_slot_does_not_restart_the_cli_of_a_session_deleted_meanwhile() {
-    let mock = MockModel::start().await.expect("mock");
-    let server = start(&mock, ServerConfig::default().env("CLAUDE_AGENT_MAX_CONCURRENT", "1")).await;
-    let alice = server.user_with_token("alice").await;
-    let busy_session = server.session(&alice, json!({})).await;
-    let doomed = server.session(&alice, json!({})).await;
-    let slow = server.spawn_chat(
-        &alice,
-        json!({"session_id": busy_session, "message": "mock:slow 500 10\nmock:reply holding the slot"}),
-    );
-    assert!(
-        wait_for_model_request(&mock, "holding the slot", Duration::from_secs(30)).await,
-        "the slow turn never reached the model\n{}",
-        server.log()
-    );
+    let SlotHeld { mock, server, alice, other: doomed, slow } = one_slot_held(10, "holding the slot").await;
     // This message passes its session check, then waits for the only slot.
     let waiting = server.spawn_chat(
         &alice,

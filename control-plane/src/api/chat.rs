@@ -12,6 +12,7 @@
 //! before the stream starts. A client that goes away does not stop the turn.
 
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::time::Duration;
 
 use axum::Json;
@@ -32,7 +33,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::chat::{self, Field, Fields, Frame, StreamItem, TurnError, TurnGuard, TurnOutcome, WarmScope};
 use crate::store::{self, Session, SessionStatus};
-use crate::stream_json::{self, CliMessage, MessageBody, RawJson};
+use crate::stream_json::{self, CliMessage, MessageBody};
 use shared::Text;
 
 const MAX_MESSAGE_CHARS: usize = 100_000;
@@ -98,15 +99,16 @@ impl Validate for ChatRequest {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, ToSchema)]
 pub struct ToolCall {
     pub tool: String,
     #[schema(value_type = Object)]
     pub input: Value,
 }
 
-/// The seed's response plus the whole turn.
-#[derive(Debug, Serialize, ToSchema)]
+/// The seed's response plus the whole turn: the schema of the body
+/// [`chat_response`] writes.
+#[derive(Debug, ToSchema)]
 pub struct ChatResponse {
     pub session_id: String,
     /// The turn's final text.
@@ -125,7 +127,7 @@ pub struct ChatResponse {
     /// Every message the CLI wrote during the turn, except the partial
     /// `stream_event` deltas (`POST /api/v1/chat/stream` relays those).
     #[schema(value_type = Vec<Object>)]
-    pub messages: Vec<RawJson>,
+    pub messages: Vec<Value>,
 }
 
 fn session_gone() -> ApiError {
@@ -257,7 +259,7 @@ fn chat_response(session_id: &str, outcome: &TurnOutcome) -> Response {
     chunks.small(b",\"is_error\":");
     json(&mut chunks, &summary.is_error);
     chunks.small(b",\"total_cost_usd\":");
-    json(&mut chunks, &summary.total_cost_usd);
+    json(&mut chunks, &summary.usage.total_cost_usd);
     chunks.small(b",\"usage\":");
     raw_or(&mut chunks, summary.usage_json.as_ref(), b"null");
     chunks.small(b",\"duration_ms\":");
@@ -477,7 +479,7 @@ fn sse_event(item: StreamItem) -> Vec<Bytes> {
     };
     let mut chunks = Chunks::default();
     if let Some(id) = id {
-        chunks.small(format!("id: {id}\n").as_bytes());
+        let _ = writeln!(chunks.small_writer(), "id: {id}");
     }
     chunks.small(b"data: ");
     for part in json.parts() {

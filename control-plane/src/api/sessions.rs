@@ -706,20 +706,7 @@ mod tests {
 
     #[test]
     fn cursors_round_trip() {
-        let session = Session {
-            session_id: "abc".into(),
-            user_id: "u".into(),
-            subdir: None,
-            cwd: "/x".into(),
-            options: SessionOptions::default(),
-            metadata: Map::new(),
-            status: SessionStatus::Active,
-            created_at: store::now(),
-            last_active_at: store::now(),
-            message_count: 0,
-            cli_session_id: None,
-            usage: UsageTotals::default(),
-        };
+        let session = Session::for_test("abc", "u");
         let cursor = decode_cursor(&encode_cursor(&session)).expect("round trip");
         assert_eq!(cursor, SessionCursor { created_at: session.created_at, session_id: "abc".into() });
         assert!(decode_cursor("not-a-cursor!").is_err());

@@ -239,6 +239,27 @@ pub struct Session {
     pub usage: UsageTotals,
 }
 
+#[cfg(test)]
+impl Session {
+    /// An active session, created now, with nothing else set (unit tests).
+    pub(crate) fn for_test(session_id: &str, user_id: &str) -> Self {
+        Self {
+            session_id: session_id.into(),
+            user_id: user_id.into(),
+            subdir: None,
+            cwd: "/x".into(),
+            options: SessionOptions::default(),
+            metadata: serde_json::Map::new(),
+            status: SessionStatus::Active,
+            created_at: now(),
+            last_active_at: now(),
+            message_count: 0,
+            cli_session_id: None,
+            usage: UsageTotals::default(),
+        }
+    }
+}
+
 /// Position after which a page of sessions starts (newest first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionCursor {

@@ -135,8 +135,9 @@ fn main() {
             best_effort: BestEffort { cgroup: !layers.cgroup, ..BestEffort::default() },
         };
         let (mut setup, mut ready, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let run_cgroups = cgroups.as_ref().filter(|_| layers.cgroup);
         for run in 0..runs {
-            if let (true, Some(cgroups)) = (layers.cgroup, &cgroups) {
+            if let Some(cgroups) = run_cgroups {
                 config.cgroup_procs = cgroups.fresh(run);
             }
             let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
@@ -175,7 +176,7 @@ fn main() {
             rss.push(kib);
             write_frame_blocking(&mut ours, &ToWorker::Shutdown).expect("shutdown");
             child.wait().expect("wait");
-            if let (true, Some(cgroups)) = (layers.cgroup, &cgroups) {
+            if let Some(cgroups) = run_cgroups {
                 cgroups.remove(run);
             }
         }
